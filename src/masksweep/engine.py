@@ -1,0 +1,146 @@
+"""One training epoch and one evaluation pass, in the shape of torchvision's detection references.
+
+Unlike the references, a bad loss raises TrialDiverged (via the DivergenceDetector) instead of exiting,
+and no step forces a host sync except the every-N-steps logging read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from masksweep.divergence import DivergenceDetector
+from masksweep.metrics import COCOEvaluator
+
+LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+STEP_KEYS = (*LOSS_KEYS, "loss")
+
+StepLogger = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    grad_clip_norm: float | None = None
+    amp_dtype: torch.dtype | None = None   # None = full precision
+    log_every: int = 10
+    limit_batches: int | None = None
+    progress: bool = False
+
+
+def _plain(value: object, device: torch.device) -> object:
+    # tv_tensors subclasses carry metadata the detector does not need; plain tensors avoid their wrapping cost.
+    if isinstance(value, torch.Tensor):
+        return value.as_subclass(torch.Tensor).to(device, non_blocking=True)
+    return value
+
+
+def to_device(
+    images: Iterable[torch.Tensor], targets: Iterable[dict], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict]]:
+    return (
+        [_plain(image, device) for image in images],
+        [{k: _plain(v, device) for k, v in target.items()} for target in targets],
+    )
+
+
+def _batches(loader: DataLoader, limit: int | None, progress: bool, desc: str) -> Iterable:
+    total = len(loader) if limit is None else min(limit, len(loader))
+    batches = itertools.islice(loader, total)
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return batches
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    device: torch.device,
+    epoch: int,
+    global_step: int,
+    detector: DivergenceDetector,
+    options: StepOptions,
+    warmup: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    on_log: StepLogger | None = None,
+) -> tuple[dict[str, float], int]:
+    """Train for one epoch. Returns the mean of each loss over the epoch and the next global step."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = torch.zeros(len(STEP_KEYS), device=device)
+    steps = 0
+    max_norm = options.grad_clip_norm if options.grad_clip_norm is not None else float("inf")
+    autocast = (
+        torch.autocast(device.type, dtype=options.amp_dtype)
+        if options.amp_dtype is not None
+        else contextlib.nullcontext()
+    )
+    batches = _batches(loader, options.limit_batches, options.progress, f"epoch {epoch}")
+    for images, targets in batches:
+        images, targets = to_device(images, targets, device)
+        with autocast:
+            loss_dict = model(images, targets)
+        losses = torch.stack([loss_dict[k] for k in LOSS_KEYS]).float()
+        total = losses.sum()
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        # With max_norm=inf this only measures: the divergence detector needs the norm either way.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if warmup is not None and global_step < warmup.total_iters:
+            warmup.step()
+
+        step_values = torch.cat([losses.detach(), total.detach()[None]])
+        sums += step_values
+        steps += 1
+        global_step += 1
+        # With AMP fp16 the scaler skips non-finite steps on purpose; only a finite-scale overflow is divergence.
+        detector.update(global_step, total, None if scaler is not None else grad_norm)
+        if on_log is not None and global_step % options.log_every == 0:
+            values = dict(zip(STEP_KEYS, step_values.tolist()))  # the one host sync of the N steps
+            values["lr"] = optimizer.param_groups[0]["lr"]
+            on_log(global_step, values)
+            if options.progress and hasattr(batches, "set_postfix"):
+                batches.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+    detector.check()
+    means = (sums / max(steps, 1)).tolist()
+    return dict(zip(STEP_KEYS, means)), global_step
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, images: list[torch.Tensor], device: torch.device) -> list[dict]:
+    """Run the model in eval mode on a list of images; outputs come back on the CPU."""
+    model.eval()
+    outputs = model([image.as_subclass(torch.Tensor).to(device) for image in images])
+    return [{k: v.cpu() for k, v in output.items()} for output in outputs]
+
+
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    evaluator: COCOEvaluator,
+    limit_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """COCO AP (bbox, segm) and the IoUs over the loader's split."""
+    evaluator.reset()
+    for images, targets in _batches(loader, limit_batches, progress, "eval"):
+        evaluator.process(targets, predict(model, images, device))
+    return evaluator.evaluate()

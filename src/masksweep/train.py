@@ -1,0 +1,213 @@
+"""`masksweep-train`: one Mask R-CNN trial, composed by Hydra. `train(cfg)` is the testable core."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from masksweep import engine
+from masksweep.errors import MasksweepError, TrialStopped
+from masksweep.validation import validate
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; the returned generator drives DataLoader shuffling and worker seeds."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; carry that seed over to Python and NumPy.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mode]
+
+
+def make_loader(dataset, cfg: DictConfig, train: bool, generator: torch.Generator) -> torch.utils.data.DataLoader:
+    from masksweep.data import collate
+
+    workers = cfg.trainer.num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.trainer.batch_size,
+        shuffle=train,
+        num_workers=workers,
+        collate_fn=collate,
+        generator=generator,
+        worker_init_fn=_seed_worker,
+        persistent_workers=workers > 0,  # re-forking workers every epoch costs seconds per epoch
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train and evaluate one trial. Returns the final metrics; raises TrialStopped on prune or divergence."""
+    validate(cfg)
+    # Heavy or optional modules load here, so `masksweep-train --help` stays fast.
+    from hydra.utils import instantiate
+
+    from masksweep.artifacts import save_curves, save_overlays
+    from masksweep.data import build_datasets, dataset_fingerprint
+    from masksweep.divergence import DivergenceDetector
+    from masksweep.metrics import COCOEvaluator
+    from masksweep.optim import build_optimizer, build_scheduler, build_warmup
+    from masksweep.tracking import log_run_inputs, start_tracker
+
+    generator = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    train_set, val_set = build_datasets(cfg.data)
+    train_loader = make_loader(train_set, cfg, train=True, generator=generator)
+    val_loader = make_loader(val_set, cfg, train=False, generator=generator)
+
+    model = instantiate(cfg.model).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
+    scheduler = build_scheduler(cfg.scheduler, optimizer)
+    warmup = build_warmup(cfg.scheduler, optimizer)
+    amp_dtype = resolve_amp(cfg.trainer.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    detector = DivergenceDetector(**cfg.divergence)
+    evaluator = COCOEvaluator(cfg.eval.backend, cfg.eval.score_threshold, cfg.eval.mask_threshold)
+    options = engine.StepOptions(
+        grad_clip_norm=cfg.trainer.grad_clip_norm,
+        amp_dtype=amp_dtype,
+        log_every=cfg.trainer.log_every_n_steps,
+        limit_batches=cfg.trainer.limit_train_batches,
+        progress=cfg.trainer.progress and sys.stderr.isatty(),
+    )
+    reporter = None
+    if cfg.optuna.trial_number is not None:
+        from masksweep.pruning import TrialReporter
+
+        reporter = TrialReporter.from_config(cfg.optuna)
+
+    tracker = start_tracker(cfg)
+    history: list[dict[str, float]] = []
+    best = -math.inf
+    with tracker.recording():
+        log_run_inputs(tracker, cfg, {"data.fingerprint": dataset_fingerprint(train_set)})
+        global_step = 0
+        for epoch in range(1, cfg.epochs + 1):
+            tic = time.perf_counter()
+            try:
+                means, steps_end = engine.train_one_epoch(
+                    model, optimizer, train_loader, device, epoch, global_step, detector, options,
+                    warmup=warmup, scaler=scaler,
+                    on_log=lambda step, values: tracker.log_metrics(
+                        {f"train/{k}": v for k, v in values.items()}, step),
+                )
+            except TrialStopped as stop:
+                if cfg.divergence.action == "fail":
+                    raise MasksweepError(f"trial diverged at step {stop.step}: {stop.reason}") from stop
+                raise
+            seconds = time.perf_counter() - tic
+            images = (steps_end - global_step) * cfg.trainer.batch_size
+            global_step = steps_end
+            if scheduler is not None:
+                scheduler.step()
+            val = engine.evaluate(model, val_loader, device, evaluator, cfg.trainer.limit_val_batches)
+            row = {"epoch": epoch, **{f"train/epoch_{k}": v for k, v in means.items()},
+                   **{f"val/{k}": v for k, v in val.items()},
+                   "time/epoch_seconds": seconds, "time/images_per_second": images / seconds}
+            history.append(row)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            tracker.flush()
+            log.info("epoch %d/%d  loss %.4f  AP bbox %.3f  AP segm %.3f  IoU %.3f  (%.1fs)", epoch, cfg.epochs,
+                     means["loss"], val["ap_bbox"], val["ap_segm"], val["iou_global"], seconds)
+            best = max(best, row[cfg.optimized_metric])
+            if reporter is not None:
+                reporter.report(row[cfg.optimized_metric], epoch)
+
+        last = history[-1]
+        final = {
+            "final/loss_last_epoch": last["train/epoch_loss"],
+            "final/loss_classifier_last_epoch": last["train/epoch_loss_classifier"],
+            f"final/best_{cfg.optimized_metric.removeprefix('val/')}": best,
+            **{k: v for k, v in last.items() if k.startswith("val/")},
+        }
+        tracker.log_metrics({k: v for k, v in final.items() if k.startswith("final/")}, step=cfg.epochs)
+        if cfg.tracking.enabled:
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp_dir = Path(tmp)
+                save_overlays(model, val_set, device, tmp_dir / "overlays", cfg.tracking.num_overlays,
+                              cfg.eval.score_threshold, cfg.eval.mask_threshold)
+                tracker.log_artifact(tmp_dir / "overlays", "overlays")
+                tracker.log_artifact(save_curves(history, tmp_dir / "curves.png"))
+    final["run_id"] = tracker.run_id  # type: ignore[assignment]
+    return final
+
+
+def print_report(metrics: dict[str, float]) -> None:
+    """The report's numbers for this trial, on stdout."""
+    rows = [
+        ("AP bbox", "val/ap_bbox"), ("AP segm", "val/ap_segm"),
+        ("global IoU", "val/iou_global"), ("mean per-image IoU", "val/iou_image_mean"),
+        ("matched-instance IoU", "val/iou_instance_mean"),
+        ("loss in the last epoch", "final/loss_last_epoch"),
+        ("loss_classifier in the last epoch", "final/loss_classifier_last_epoch"),
+    ]
+    for label, key in rows:
+        print(f"{label:>34}: {metrics[key]:.4f}")
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Run one trial; return the optimized metric to the sweeper."""
+    try:
+        metrics = train(cfg)
+    except MasksweepError as exc:
+        if cfg.optuna.trial_number is not None:
+            raise  # the Optuna sweeper turns it into PRUNED (stopped) or FAIL
+        print(f"masksweep-train: {exc}", file=sys.stderr)
+        if _in_multirun() and isinstance(exc, TrialStopped):
+            return None  # recorded as KILLED in MLflow; a grid sweep goes on
+        # One line, no traceback (HYDRA_FULL_ERROR=1 shows it), and a non-zero exit status.
+        if _full_error():
+            raise
+        raise SystemExit(1) from None
+    print_report(metrics)
+    return metrics[cfg.optimized_metric]
+
+
+def _full_error() -> bool:
+    import os
+
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"

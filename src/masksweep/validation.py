@@ -1,0 +1,77 @@
+"""Config checks that run before any data is read or model built; each failure is one ConfigError line."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from masksweep.errors import ConfigError
+
+OPTIMIZERS = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
+SCHEDULERS = {"torch.optim.lr_scheduler.StepLR", "torch.optim.lr_scheduler.CosineAnnealingLR"}
+ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+AMP_MODES = ("auto", "off", "fp16", "bf16")
+DIVERGENCE_ACTIONS = ("prune", "fail")
+EVAL_BACKENDS = ("faster_coco_eval", "pycocotools")
+METRICS = tuple(
+    f"val/{k}"
+    for k in (
+        "ap_bbox ap_bbox_50 ap_bbox_75 ap_segm ap_segm_50 ap_segm_75 iou_global iou_image_mean iou_instance_mean"
+    ).split()
+)
+
+
+def _number(cfg: DictConfig, key: str) -> float:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, value, "a number")
+    return float(value)
+
+
+def _check_range(key: str, value: float, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid value; the message names key, value and what is allowed."""
+    lr = _number(cfg, "lr")
+    _check_range("lr", lr, lr > 0, "a float > 0")
+    weight_decay = _number(cfg, "weight_decay")
+    _check_range("weight_decay", weight_decay, weight_decay >= 0, "a float >= 0")
+    epochs = cfg.epochs
+    _check_range("epochs", epochs, isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+                 "an integer >= 1")
+
+    optimizer = cfg.optimizer.get("_target_")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError("optimizer", optimizer, "sgd, adam, adamw (torch.optim.SGD, Adam, AdamW)")
+    if cfg.momentum is not None:
+        momentum = _number(cfg, "momentum")
+        _check_range("momentum", momentum, 0 <= momentum < 1, "null or a float in [0, 1)")
+    elif "momentum" in cfg.optimizer:
+        raise ConfigError("momentum", None, f"a float in [0, 1) for {optimizer} (null only for Adam/AdamW)")
+
+    lr_scheduler = cfg.scheduler.get("lr_scheduler")
+    if lr_scheduler is not None and lr_scheduler.get("_target_") not in SCHEDULERS:
+        raise ConfigError("scheduler", lr_scheduler.get("_target_"), "steplr, cosine, none")
+    warmup_iters = cfg.scheduler.warmup.iters
+    _check_range("scheduler.warmup.iters", warmup_iters, isinstance(warmup_iters, int) and warmup_iters >= 0,
+                 "an integer >= 0")
+
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError("model.arch", cfg.model.arch, ", ".join(ARCHS))
+    device = str(cfg.device)
+    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+        raise ConfigError("device", cfg.device, ", ".join(DEVICES))
+    if cfg.trainer.amp not in AMP_MODES:
+        raise ConfigError("trainer.amp", cfg.trainer.amp, ", ".join(AMP_MODES))
+    batch_size = cfg.trainer.batch_size
+    _check_range("trainer.batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1,
+                 "an integer >= 1")
+    if cfg.divergence.action not in DIVERGENCE_ACTIONS:
+        raise ConfigError("divergence.action", cfg.divergence.action, ", ".join(DIVERGENCE_ACTIONS))
+    if cfg.eval.backend not in EVAL_BACKENDS:
+        raise ConfigError("eval.backend", cfg.eval.backend, ", ".join(EVAL_BACKENDS))
+    if cfg.optimized_metric not in METRICS:
+        raise ConfigError("optimized_metric", cfg.optimized_metric, ", ".join(METRICS))
