@@ -20,6 +20,7 @@ TINY_OVERRIDES = [
     "data.num_train=4",
     "data.num_val=2",
     "epochs=1",
+    "++model.pretrain.enabled=false",  # pretraining has its own test; trials here start from random weights
 ]
 
 

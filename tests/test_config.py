@@ -22,7 +22,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(make_cfg, group: str, option: str) -> None:
-    cfg = make_cfg(f"{group}={option}")
+    cfg = make_cfg(f"{group}={option}", tiny=False)
     validate(cfg)
 
 
@@ -52,7 +52,7 @@ def test_steplr_and_cosine_follow_the_report(make_cfg) -> None:
 
 @pytest.mark.parametrize("option", options("model"))
 def test_model_targets_instantiate(make_cfg, option: str) -> None:
-    model = instantiate(make_cfg(f"model={option}").model)
+    model = instantiate(make_cfg(f"model={option}", "++model.pretrain.enabled=false", tiny=False).model)
     assert model.roi_heads.box_predictor.cls_score.out_features == 2
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 2
 

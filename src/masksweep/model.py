@@ -112,15 +112,24 @@ def build_model(
     min_size: int = 800,
     max_size: int = 1333,
     detector: Mapping[str, Any] | None = None,
+    pretrain: Mapping[str, Any] | None = None,
 ) -> MaskRCNN:
     """Build `arch` with `num_classes` heads.
 
     `weights` is null, a torchvision weights enum name (e.g. "MaskRCNN_ResNet50_FPN_Weights.COCO_V1" or "DEFAULT",
-    downloaded when online), or a local checkpoint path loaded with weights_only=True.
+    downloaded when online), or a local checkpoint path loaded with weights_only=True. With null weights and
+    `pretrain.enabled`, the model starts from a cached one-time pretraining on synthetic data (pretrain.py).
     """
     if arch not in BUILDERS:
         raise ConfigError("model.arch", arch, ", ".join(BUILDERS))
     checkpoint = Path(weights) if weights is not None and _looks_like_path(weights) else None
+    if weights is None and pretrain is not None and pretrain.get("enabled"):
+        from masksweep.pretrain import ensure_pretrained
+
+        spec = {"arch": arch, "num_classes": num_classes, "weights_backbone": weights_backbone,
+                "trainable_backbone_layers": trainable_backbone_layers, "min_size": min_size,
+                "max_size": max_size, "detector": dict(detector or {})}
+        checkpoint = ensure_pretrained(spec, pretrain)
     if weights is not None and checkpoint is None and arch == "maskrcnn_resnet18_fpn":
         raise ConfigError("model.weights", weights, "null or a checkpoint path (torchvision has no such weights)")
     enum_weights = None if checkpoint is not None or weights is None else _verify_enum(arch, weights)
