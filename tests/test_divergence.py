@@ -67,3 +67,16 @@ def test_state_round_trip_keeps_the_median_window() -> None:
     restored.load_state_dict(detector.state_dict())
     with pytest.raises(TrialDiverged):
         restored.update(5, torch.tensor(50.0))
+
+
+def test_stop_and_config_errors_survive_pickling() -> None:
+    # Process launchers (joblib, submitit) ship a job's exception back to the sweeper by pickle.
+    import pickle
+
+    from masksweep.errors import ConfigError
+
+    diverged = pickle.loads(pickle.dumps(TrialDiverged("non-finite loss", step=7, value=math.inf)))
+    assert (type(diverged), diverged.reason, diverged.step, diverged.value) == (
+        TrialDiverged, "non-finite loss", 7, math.inf)
+    error = pickle.loads(pickle.dumps(ConfigError("lr", -1, "a float > 0")))
+    assert str(error) == str(ConfigError("lr", -1, "a float > 0"))

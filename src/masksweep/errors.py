@@ -14,6 +14,10 @@ class ConfigError(MasksweepError, ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"config error: {key}={value!r} is invalid; allowed: {allowed}")
 
+    def __reduce__(self) -> tuple:
+        # Process launchers (joblib, submitit) pickle a job's exception back to the sweeper.
+        return type(self), (self.key, self.value, self.allowed)
+
 
 class DataError(MasksweepError):
     """A dataset file is missing, corrupt or inconsistent. The message names the file."""
@@ -32,6 +36,9 @@ class TrialStopped(MasksweepError):
         self.reason, self.step, self.value = reason, step, value
         detail = f" (value {value:.6g})" if value is not None else ""
         super().__init__(f"trial {self.kind} at step {step}: {reason}{detail}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.reason, self.step, self.value)
 
 
 class TrialPruned(TrialStopped):

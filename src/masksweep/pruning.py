@@ -1,0 +1,148 @@
+"""TrialReporter: the training loop's handle on its Optuna trial, reached through the shared storage.
+
+The sweeper (hydra_plugins/masksweep_optuna) asks Optuna for a trial and launches the job with
+`optuna.storage`, `optuna.study_name` and `optuna.trial_number` in its config. The job loads the study from
+that storage and wraps the RUNNING trial in an `optuna.trial.Trial`: Optuna's own object, valid for a trial
+created by ask() in another process because everything it does (report, should_prune, user attrs) reads and
+writes the storage by trial id. So reporting works the same with the basic launcher (in-process) and with
+process launchers (joblib, submitit).
+
+    reporter = TrialReporter.from_config(cfg.optuna)   # None outside a sweep
+    for epoch in range(cfg.epochs):
+        ...
+        if reporter is not None:
+            reporter.report(metrics[cfg.optimized_metric], step=epoch)   # may raise TrialPruned
+
+The pruner is the one the sweeper configured: it stores its settings in the study (system attr
+`masksweep:pruner`), and the reporter builds the same pruner from them.
+
+optuna is imported lazily, so `masksweep-train --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from masksweep.errors import ConfigError, TrialPruned, TrialStopped
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger(__name__)
+
+# One storage per URL and process: in-process jobs (basic launcher) reuse it instead of replaying the journal
+# or opening a database engine per trial.
+_STORAGES: dict[str, Any] = {}
+_STORAGES_LOCK = threading.Lock()
+
+
+def _get(cfg: Any, key: str) -> Any:
+    if cfg is None:
+        return None
+    if isinstance(cfg, Mapping):
+        return cfg.get(key)
+    return getattr(cfg, key, None)
+
+
+def _storage_for(url: str) -> Any:
+    from hydra_plugins.masksweep_optuna import _backend
+
+    with _STORAGES_LOCK:
+        storage = _STORAGES.get(url)
+        if storage is None:
+            # Jobs get the canonical absolute URL, so the launch directory does not matter here.
+            spec = _backend.parse_storage(url, study_name="unused")
+            storage = _backend.open_storage(spec)
+            _STORAGES[url] = storage
+        return storage
+
+
+class TrialReporter:
+    """Reports per-epoch values to one RUNNING Optuna trial and applies the study's pruner."""
+
+    def __init__(self, trial: optuna.trial.Trial, pruner_name: str) -> None:
+        self._trial = trial
+        self.pruner_name = pruner_name
+
+    @classmethod
+    def from_config(cls, optuna_cfg: Any) -> TrialReporter | None:
+        """The reporter for the trial named in the job's `optuna:` block; None outside a sweep."""
+        number = _get(optuna_cfg, "trial_number")
+        if number is None:
+            return None
+        storage_url = _get(optuna_cfg, "storage")
+        study_name = _get(optuna_cfg, "study_name")
+        if not storage_url:
+            raise ConfigError(
+                "optuna.storage", storage_url, "the study's storage URL when optuna.trial_number is set"
+            )
+        if not study_name:
+            raise ConfigError(
+                "optuna.study_name", study_name, "the study name when optuna.trial_number is set"
+            )
+
+        import warnings
+
+        import optuna
+
+        from hydra_plugins.masksweep_optuna import _backend
+
+        storage = _storage_for(str(storage_url))
+        try:
+            study_id = storage.get_study_id_from_name(str(study_name))
+        except KeyError:
+            raise ConfigError("optuna.study_name", study_name, f"a study in {storage_url}") from None
+        spec = storage.get_study_system_attrs(study_id).get(_backend.PRUNER_ATTR) or {"name": "median"}
+        # A RandomSampler: Trial() calls sampler.before_trial, and e.g. GridSampler's would write to the
+        # trial.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study = optuna.load_study(
+                study_name=str(study_name),
+                storage=storage,
+                sampler=optuna.samplers.RandomSampler(),
+                pruner=_backend.build_pruner(spec),
+            )
+        try:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(number))
+        except KeyError:
+            raise ConfigError("optuna.trial_number", number, f"a trial of study {study_name}") from None
+        frozen = storage.get_trial(trial_id)
+        if frozen.state != optuna.trial.TrialState.RUNNING:
+            raise ConfigError(
+                "optuna.trial_number", number, f"a RUNNING trial (trial {number} is {frozen.state.name})"
+            )
+        return cls(optuna.trial.Trial(study, trial_id), str(spec.get("name", "median")))
+
+    @property
+    def number(self) -> int:
+        return self._trial.number
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self._trial.params
+
+    def report(self, value: float, step: int) -> None:
+        """Record `value` at epoch `step`; raise TrialPruned when the study's pruner says so."""
+        import optuna
+
+        value = float(value)
+        step = int(step)
+        try:
+            self._trial.report(value, step)
+            prune = self._trial.should_prune()
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # The sweeper took this trial for stale (its worker stopped beating) and queued a retry: stop
+            # here.
+            raise TrialStopped(
+                reason=f"trial {self.number} was already finished by another worker", step=step, value=value
+            ) from None
+        if prune:
+            raise TrialPruned(reason=f"pruner {self.pruner_name} at epoch {step}", step=step, value=value)
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        """A JSON-serialisable attribute on the trial (shown in Optuna's dashboard and the sweep results)."""
+        self._trial.set_user_attr(key, value)
