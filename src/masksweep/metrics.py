@@ -61,6 +61,20 @@ def _xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
     return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
 
 
+def coco_results(image_id: int, output: dict[str, Any], binary_masks: torch.Tensor) -> list[dict[str, Any]]:
+    """One image's detections in COCO results format (xywh boxes, RLE masks), for COCO tools to re-score."""
+    return [
+        {"image_id": image_id, "category_id": int(label), "bbox": box, "score": score, "segmentation": rle}
+        for rle, box, label, score in zip(
+            _encode(binary_masks),
+            _xyxy_to_xywh(torch.as_tensor(output["boxes"])),
+            torch.as_tensor(output["labels"]).reshape(-1).tolist(),
+            torch.as_tensor(output["scores"]).reshape(-1).to(torch.float32).tolist(),
+            strict=True,
+        )
+    ]
+
+
 def _match_instances(iou: np.ndarray, scores: np.ndarray) -> float:
     """Sum of IoUs of a one-to-one prediction (rows) to ground-truth (columns) matching.
 
@@ -180,22 +194,7 @@ class COCOEvaluator:
         scores = torch.as_tensor(output["scores"]).reshape(-1).to(torch.float32)
         labels = torch.as_tensor(output["labels"]).reshape(-1)
         binary = pred_masks > self.mask_threshold  # threshold in torch, before any numpy copy
-        for rle, box, label, score in zip(
-            _encode(binary),
-            _xyxy_to_xywh(torch.as_tensor(output["boxes"])),
-            labels.tolist(),
-            scores.tolist(),
-            strict=True,
-        ):
-            self._detections.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(label),
-                    "bbox": box,
-                    "score": score,
-                    "segmentation": rle,
-                }
-            )
+        self._detections.extend(coco_results(image_id, output, binary))
 
         keep_gt = (gt_labels == PERSON) & (iscrowd == 0)
         keep_dt = (labels == PERSON) & (scores >= self.score_threshold)

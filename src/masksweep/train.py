@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
@@ -70,12 +72,50 @@ def make_loader(dataset, cfg: DictConfig, train: bool, generator: torch.Generato
     )
 
 
+@dataclass
+class Progress:
+    """What a checkpoint restores besides the modules: where the trial is and what it has seen."""
+
+    epoch: int = 0
+    global_step: int = 0
+    best: float = -math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """The trial's run directory (Hydra's output dir), unless checkpoint.dir says otherwise."""
+    from masksweep.tracking import hydra_output_dir
+
+    if cfg.checkpoint.dir is not None:
+        return Path(cfg.checkpoint.dir)
+    hydra_dir = hydra_output_dir()
+    if hydra_dir is not None:
+        return hydra_dir.parent / "checkpoints"
+    return Path.cwd() / "checkpoints" / time.strftime("%Y%m%d-%H%M%S") / str(os.getpid())
+
+
+def resume_path(resume: str, cfg: DictConfig) -> Path:
+    """`resume` is a checkpoint file, a run directory holding last.pt, or an MLflow run id."""
+    from masksweep.checkpoint import LAST
+
+    path = Path(resume)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        return path / LAST if (path / LAST).is_file() else path / "checkpoints" / LAST
+    from masksweep.tracking import checkpoint_dir_of_run
+
+    return checkpoint_dir_of_run(cfg, resume) / LAST
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate one trial. Returns the final metrics; raises TrialStopped on prune or divergence."""
     validate(cfg)
     # Heavy or optional modules load here, so `masksweep-train --help` stays fast.
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
+    from masksweep import checkpoint
     from masksweep.artifacts import save_curves, save_overlays
     from masksweep.data import build_datasets, dataset_fingerprint
     from masksweep.divergence import DivergenceDetector
@@ -89,7 +129,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     train_loader = make_loader(train_set, cfg, train=True, generator=generator)
     val_loader = make_loader(val_set, cfg, train=False, generator=generator)
 
-    model = instantiate(cfg.model).to(device)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    resume_from = resume_path(str(cfg.resume), cfg) if cfg.resume is not None else None
+    saved = checkpoint.load(resume_from) if resume_from is not None else None
+    if saved is not None:
+        checkpoint.check_compatible(saved, model_cfg, resume_from)
+        model_cfg["pretrain"] = None  # the checkpoint holds the weights; no need to pretrain or load again
+    model = instantiate(model_cfg).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
@@ -98,6 +144,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     amp_dtype = resolve_amp(cfg.trainer.amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     detector = DivergenceDetector(**cfg.divergence)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "warmup": warmup,
+                "scaler": scaler, "divergence": detector}
+    progress = Progress()
+    if saved is not None:
+        for key, module in stateful.items():
+            if module is not None:
+                module.load_state_dict(saved[key])
+        checkpoint.restore_rng(saved["rng"], generator)
+        progress = Progress(**saved["progress"])
+        log.info("Resuming from %s after epoch %d", resume_from, progress.epoch)
+    checkpoints = checkpoint.CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep)
+
     evaluator = COCOEvaluator(cfg.eval.backend, cfg.eval.score_threshold, cfg.eval.mask_threshold)
     options = engine.StepOptions(
         grad_clip_norm=cfg.trainer.grad_clip_norm,
@@ -113,16 +171,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         reporter = TrialReporter.from_config(cfg.optuna)
 
     tracker = start_tracker(cfg)
-    history: list[dict[str, float]] = []
-    best = -math.inf
     with tracker.recording():
         log_run_inputs(tracker, cfg, {"data.fingerprint": dataset_fingerprint(train_set)})
-        global_step = 0
-        for epoch in range(1, cfg.epochs + 1):
+        tracker.set_tags({"masksweep.checkpoint_dir": str(checkpoints.directory.absolute()),
+                          **({"masksweep.resumed_from": str(resume_from)} if resume_from else {})})
+        for row in progress.history:  # a resumed run carries the whole curve
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             tic = time.perf_counter()
             try:
                 means, steps_end = engine.train_one_epoch(
-                    model, optimizer, train_loader, device, epoch, global_step, detector, options,
+                    model, optimizer, train_loader, device, epoch, progress.global_step, detector, options,
                     warmup=warmup, scaler=scaler,
                     on_log=lambda step, values: tracker.log_metrics(
                         {f"train/{k}": v for k, v in values.items()}, step),
@@ -132,40 +191,56 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     raise MasksweepError(f"trial diverged at step {stop.step}: {stop.reason}") from stop
                 raise
             seconds = time.perf_counter() - tic
-            images = (steps_end - global_step) * cfg.trainer.batch_size
-            global_step = steps_end
+            images = (steps_end - progress.global_step) * cfg.trainer.batch_size
             if scheduler is not None:
                 scheduler.step()
             val = engine.evaluate(model, val_loader, device, evaluator, cfg.trainer.limit_val_batches)
             row = {"epoch": epoch, **{f"train/epoch_{k}": v for k, v in means.items()},
                    **{f"val/{k}": v for k, v in val.items()},
                    "time/epoch_seconds": seconds, "time/images_per_second": images / seconds}
-            history.append(row)
+            improved = row[cfg.optimized_metric] > progress.best
+            progress = Progress(epoch, steps_end, max(progress.best, row[cfg.optimized_metric]),
+                                [*progress.history, row])
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             tracker.flush()
+            checkpoints.save({
+                **{k: m.state_dict() for k, m in stateful.items() if m is not None},
+                "rng": checkpoint.rng_state(generator), "progress": asdict(progress),
+                "model_config": model_cfg_without_pretrain(model_cfg), "config": OmegaConf.to_yaml(cfg, resolve=True),
+            }, improved)
             log.info("epoch %d/%d  loss %.4f  AP bbox %.3f  AP segm %.3f  IoU %.3f  (%.1fs)", epoch, cfg.epochs,
                      means["loss"], val["ap_bbox"], val["ap_segm"], val["iou_global"], seconds)
-            best = max(best, row[cfg.optimized_metric])
             if reporter is not None:
                 reporter.report(row[cfg.optimized_metric], epoch)
 
-        last = history[-1]
+        last = progress.history[-1]
         final = {
             "final/loss_last_epoch": last["train/epoch_loss"],
             "final/loss_classifier_last_epoch": last["train/epoch_loss_classifier"],
-            f"final/best_{cfg.optimized_metric.removeprefix('val/')}": best,
+            f"final/best_{cfg.optimized_metric.removeprefix('val/')}": progress.best,
             **{k: v for k, v in last.items() if k.startswith("val/")},
         }
         tracker.log_metrics({k: v for k, v in final.items() if k.startswith("final/")}, step=cfg.epochs)
+        checkpoints.finish()
         if cfg.tracking.enabled:
             with tempfile.TemporaryDirectory() as tmp:
                 tmp_dir = Path(tmp)
                 save_overlays(model, val_set, device, tmp_dir / "overlays", cfg.tracking.num_overlays,
                               cfg.eval.score_threshold, cfg.eval.mask_threshold)
                 tracker.log_artifact(tmp_dir / "overlays", "overlays")
-                tracker.log_artifact(save_curves(history, tmp_dir / "curves.png"))
+                tracker.log_artifact(save_curves(progress.history, tmp_dir / "curves.png"))
+                if cfg.eval.export_predictions:
+                    tracker.log_artifact(evaluator.write_results(tmp_dir / "predictions.json"))
+                if cfg.tracking.log_model and checkpoints.best.is_file():
+                    tracker.log_artifact(checkpoints.best, "checkpoints")
+        if cfg.eval.export_predictions:
+            evaluator.write_results(checkpoints.directory / "predictions.json")
     final["run_id"] = tracker.run_id  # type: ignore[assignment]
     return final
+
+
+def model_cfg_without_pretrain(model_cfg: dict) -> dict:
+    return {k: v for k, v in model_cfg.items() if k != "pretrain"}
 
 
 def print_report(metrics: dict[str, float]) -> None:

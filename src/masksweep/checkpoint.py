@@ -1,0 +1,105 @@
+"""Trial checkpoints: written atomically after each epoch, loadable with weights_only=True, pruned by policy.
+
+Everything non-tensor is stored as plain Python types (str, int, float, lists, dicts) or tensors, which is
+what `torch.load(weights_only=True)` accepts: NumPy RNG state goes in as a tensor, the config as YAML text.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from masksweep.errors import ConfigError
+
+LAST, BEST = "last.pt", "best.pt"
+POLICIES = ("last", "best", "both")
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename: a kill mid-write leaves the
+    previous checkpoint intact (rename is atomic on POSIX filesystems)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("resume", str(path), "an existing checkpoint file or an MLflow run id with one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: name it, never unpickle arbitrary objects
+        raise ConfigError("resume", str(path), f"a masksweep checkpoint loadable with weights_only ({exc})") from exc
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "numpy": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": int(np_state["state"]["pos"]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loader": generator.get_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": 0, "gauss": 0.0,
+                         "state": {"key": state["numpy"].numpy().astype(np.uint32), "pos": state["numpy_pos"]}})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["loader"])
+
+
+def check_compatible(checkpoint: dict[str, Any], model_cfg: dict[str, Any], path: Path) -> None:
+    """A checkpoint resumes only the model it was made for; name the first mismatching key."""
+    saved = checkpoint["model_config"]
+    for key in sorted(set(saved) | set(model_cfg)):
+        if key != "pretrain" and saved.get(key) != model_cfg.get(key):
+            raise ConfigError(f"model.{key}", model_cfg.get(key),
+                              f"{saved.get(key)!r}, the value {path} was trained with")
+
+
+class CheckpointManager:
+    """Keeps last.pt (for resuming) and best.pt (by the optimized metric) in a trial's directory."""
+
+    def __init__(self, directory: Path, keep: str = "both") -> None:
+        if keep not in POLICIES:
+            raise ConfigError("checkpoint.keep", keep, ", ".join(POLICIES))
+        self.directory, self.keep = directory, keep
+
+    @property
+    def last(self) -> Path:
+        return self.directory / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.directory / BEST
+
+    def save(self, state: dict[str, Any], improved: bool) -> None:
+        # last.pt is written whatever the policy: a killed trial resumes from it. finish() applies the policy.
+        save_atomic(state, self.last)
+        if improved and self.keep in ("best", "both"):
+            # A file copy is cheaper than serializing the same state twice.
+            tmp = self.best.with_name(f".{BEST}.tmp{os.getpid()}")
+            shutil.copyfile(self.last, tmp)
+            os.replace(tmp, self.best)
+
+    def finish(self) -> None:
+        """Prune what the policy does not keep, so a long sweep does not fill the disk."""
+        if self.keep == "best":
+            self.last.unlink(missing_ok=True)
