@@ -63,9 +63,11 @@ def _storage_for(url: str) -> Any:
 class TrialReporter:
     """Reports per-epoch values to one RUNNING Optuna trial and applies the study's pruner."""
 
-    def __init__(self, trial: optuna.trial.Trial, pruner_name: str) -> None:
+    def __init__(self, trial: optuna.trial.Trial, pruner_name: str, storage: Any = None,
+                 study_id: int | None = None, trial_id: int | None = None) -> None:
         self._trial = trial
         self.pruner_name = pruner_name
+        self._storage, self._study_id, self._trial_id = storage, study_id, trial_id
 
     @classmethod
     def from_config(cls, optuna_cfg: Any) -> TrialReporter | None:
@@ -115,7 +117,8 @@ class TrialReporter:
             raise ConfigError(
                 "optuna.trial_number", number, f"a RUNNING trial (trial {number} is {frozen.state.name})"
             )
-        return cls(optuna.trial.Trial(study, trial_id), str(spec.get("name", "median")))
+        return cls(optuna.trial.Trial(study, trial_id), str(spec.get("name", "median")), storage, study_id,
+                   trial_id)
 
     @property
     def number(self) -> int:
@@ -142,6 +145,17 @@ class TrialReporter:
             ) from None
         if prune:
             raise TrialPruned(reason=f"pruner {self.pruner_name} at epoch {step}", step=step, value=value)
+
+    def previous_attempt(self) -> tuple[int, dict[str, Any]] | None:
+        """For a retry of a trial whose worker died: that trial's number and user attrs (e.g. where it
+        checkpointed), so the retry resumes instead of starting over. None for a first attempt."""
+        from hydra_plugins.masksweep_optuna._backend import RETRY_FROM_ATTR
+
+        failed = self._storage.get_trial(self._trial_id).system_attrs.get(RETRY_FROM_ATTR)
+        if failed is None:
+            return None
+        failed_id = self._storage.get_trial_id_from_study_id_trial_number(self._study_id, int(failed))
+        return int(failed), self._storage.get_trial(failed_id).user_attrs
 
     def set_user_attr(self, key: str, value: Any) -> None:
         """A JSON-serialisable attribute on the trial (shown in Optuna's dashboard and the sweep results)."""
