@@ -77,10 +77,14 @@ def test_resume_after_a_kill_gives_identical_metrics(make_cfg, workdir: Path, mo
     monkeypatch.setattr(engine, "evaluate", real_evaluate)
     assert checkpoint.load(workdir / "killed" / "last.pt")["progress"]["epoch"] == 1
 
-    resumed = train(make_cfg(*overrides, f"checkpoint.dir={workdir / 'resumed'}",
-                             f"resume={workdir / 'killed' / 'last.pt'}"))
+    resumed = train(
+        make_cfg(
+            *overrides, f"checkpoint.dir={workdir / 'resumed'}", f"resume={workdir / 'killed' / 'last.pt'}"
+        )
+    )
     assert {k: v for k, v in resumed.items() if k != "run_id"} == {
-        k: v for k, v in uninterrupted.items() if k != "run_id"}
+        k: v for k, v in uninterrupted.items() if k != "run_id"
+    }
 
 
 def test_checkpoint_of_another_model_names_the_mismatch(make_cfg, workdir: Path) -> None:

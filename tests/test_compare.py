@@ -18,34 +18,87 @@ STEPLR, COSINE = "torch.optim.lr_scheduler.StepLR", "torch.optim.lr_scheduler.Co
 
 # label -> what the trial logs. Expected order (val/ap_segm, best first): trial2, trial1, #3, #4.
 TRIALS = {
-    "trial1": dict(tags={"masksweep.trial_name": "trial1"}, optimizer=SGD, scheduler=STEPLR, lr=0.005,
-                   momentum=0.9, weight_decay=0.0005, epochs=3, status="FINISHED",
-                   metrics={"val/ap_bbox": 0.6123456789, "val/ap_segm": 0.5555555555,
-                            "val/iou_global": 0.7012345, "final/loss_last_epoch": 0.4321987,
-                            "final/loss_classifier_last_epoch": 0.1234567},
-                   losses=[1.9, 0.8, 0.4321987]),
-    "trial2": dict(tags={"masksweep.trial_name": "trial2"}, optimizer=ADAM, scheduler=None, lr=0.0001,
-                   momentum=None, weight_decay=0.0, epochs=3, status="FINISHED",
-                   metrics={"val/ap_bbox": 0.6543210987, "val/ap_segm": 0.6000000001,
-                            "val/iou_global": 0.7712345, "final/loss_last_epoch": 0.3999999,
-                            "final/loss_classifier_last_epoch": 0.0999999},
-                   losses=[1.5, 0.7, 0.3999999]),
-    "#3": dict(tags={"optuna.trial_number": "3", "stop.kind": "diverged",
-                     "stop.reason": "loss 2.1e+21 > 1000", "stop.step": "7", "stop.value": "2.1e+21"},
-               optimizer=SGD, scheduler=COSINE, lr=0.02, momentum=0.9, weight_decay=0.0005, epochs=3,
-               status="KILLED",
-               metrics={"val/ap_bbox": 0.0123, "val/ap_segm": 0.0100001, "val/iou_global": 0.05,
-                        "final/loss_last_epoch": 2.1e21, "final/loss_classifier_last_epoch": 3.3e20},
-               losses=[2.1e21]),
-    "#4": dict(tags={"optuna.trial_number": "4", "error": "RuntimeError: CUDA out of memory"}, optimizer=SGD,
-               scheduler=STEPLR, lr=0.01, momentum=0.95, weight_decay=0.001, epochs=3, status="FAILED",
-               metrics={}, losses=[]),
+    "trial1": dict(
+        tags={"masksweep.trial_name": "trial1"},
+        optimizer=SGD,
+        scheduler=STEPLR,
+        lr=0.005,
+        momentum=0.9,
+        weight_decay=0.0005,
+        epochs=3,
+        status="FINISHED",
+        metrics={
+            "val/ap_bbox": 0.6123456789,
+            "val/ap_segm": 0.5555555555,
+            "val/iou_global": 0.7012345,
+            "final/loss_last_epoch": 0.4321987,
+            "final/loss_classifier_last_epoch": 0.1234567,
+        },
+        losses=[1.9, 0.8, 0.4321987],
+    ),
+    "trial2": dict(
+        tags={"masksweep.trial_name": "trial2"},
+        optimizer=ADAM,
+        scheduler=None,
+        lr=0.0001,
+        momentum=None,
+        weight_decay=0.0,
+        epochs=3,
+        status="FINISHED",
+        metrics={
+            "val/ap_bbox": 0.6543210987,
+            "val/ap_segm": 0.6000000001,
+            "val/iou_global": 0.7712345,
+            "final/loss_last_epoch": 0.3999999,
+            "final/loss_classifier_last_epoch": 0.0999999,
+        },
+        losses=[1.5, 0.7, 0.3999999],
+    ),
+    "#3": dict(
+        tags={
+            "optuna.trial_number": "3",
+            "stop.kind": "diverged",
+            "stop.reason": "loss 2.1e+21 > 1000",
+            "stop.step": "7",
+            "stop.value": "2.1e+21",
+        },
+        optimizer=SGD,
+        scheduler=COSINE,
+        lr=0.02,
+        momentum=0.9,
+        weight_decay=0.0005,
+        epochs=3,
+        status="KILLED",
+        metrics={
+            "val/ap_bbox": 0.0123,
+            "val/ap_segm": 0.0100001,
+            "val/iou_global": 0.05,
+            "final/loss_last_epoch": 2.1e21,
+            "final/loss_classifier_last_epoch": 3.3e20,
+        },
+        losses=[2.1e21],
+    ),
+    "#4": dict(
+        tags={"optuna.trial_number": "4", "error": "RuntimeError: CUDA out of memory"},
+        optimizer=SGD,
+        scheduler=STEPLR,
+        lr=0.01,
+        momentum=0.95,
+        weight_decay=0.001,
+        epochs=3,
+        status="FAILED",
+        metrics={},
+        losses=[],
+    ),
 }
 ORDER = ["trial2", "trial1", "#3", "#4"]
-RESULT_KEYS = {"AP bbox": "val/ap_bbox", "AP segm": "val/ap_segm",
-               "Loss (last epoch)": "final/loss_last_epoch",
-               "Loss classifier (last epoch)": "final/loss_classifier_last_epoch",
-               "Global IoU": "val/iou_global"}
+RESULT_KEYS = {
+    "AP bbox": "val/ap_bbox",
+    "AP segm": "val/ap_segm",
+    "Loss (last epoch)": "final/loss_last_epoch",
+    "Loss classifier (last epoch)": "final/loss_classifier_last_epoch",
+    "Global IoU": "val/iou_global",
+}
 
 
 def log_trial(client, exp: str, name: str, spec: dict, parent: str | None = None) -> str:
@@ -55,13 +108,20 @@ def log_trial(client, exp: str, name: str, spec: dict, parent: str | None = None
         tags["mlflow.parentRunId"] = parent
     run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
     tracker = MLflowTracker(client, run_id)
-    tracker.log_params({
-        "optimizer._target_": spec["optimizer"], "optimizer.lr": spec["lr"],
-        "scheduler.lr_scheduler": "None" if spec["scheduler"] is None else "{...}",
-        **({"scheduler.lr_scheduler._target_": spec["scheduler"]} if spec["scheduler"] else {}),
-        "lr": spec["lr"], "momentum": spec["momentum"], "weight_decay": spec["weight_decay"],
-        "epochs": spec["epochs"], "optimized_metric": "val/ap_segm", "seed": 42,
-    })
+    tracker.log_params(
+        {
+            "optimizer._target_": spec["optimizer"],
+            "optimizer.lr": spec["lr"],
+            "scheduler.lr_scheduler": "None" if spec["scheduler"] is None else "{...}",
+            **({"scheduler.lr_scheduler._target_": spec["scheduler"]} if spec["scheduler"] else {}),
+            "lr": spec["lr"],
+            "momentum": spec["momentum"],
+            "weight_decay": spec["weight_decay"],
+            "epochs": spec["epochs"],
+            "optimized_metric": "val/ap_segm",
+            "seed": 42,
+        }
+    )
     for epoch, loss in enumerate(spec["losses"], 1):
         tracker.log_metrics({"train/epoch_loss": loss, "val/ap_segm": 0.0}, step=epoch)
     tracker.log_metrics(spec["metrics"], step=len(spec["losses"]) + 1)
@@ -125,12 +185,14 @@ def expected_cells(label: str, exact: bool) -> dict[str, str]:
     cells = {
         "Optimizer": spec["optimizer"].rsplit(".", 1)[1],
         "Scheduler": spec["scheduler"].rsplit(".", 1)[1] if spec["scheduler"] else "none",
-        "lr": str(spec["lr"]), "Momentum": "none" if spec["momentum"] is None else str(spec["momentum"]),
-        "Weight decay": str(spec["weight_decay"]), "Epochs": str(spec["epochs"]),
+        "lr": str(spec["lr"]),
+        "Momentum": "none" if spec["momentum"] is None else str(spec["momentum"]),
+        "Weight decay": str(spec["weight_decay"]),
+        "Epochs": str(spec["epochs"]),
     }
     for column, key in RESULT_KEYS.items():
         value = spec["metrics"].get(key)
-        cells[column] = (number(value) if value is not None else ("" if exact else "-"))
+        cells[column] = number(value) if value is not None else ("" if exact else "-")
     return cells
 
 
@@ -182,12 +244,15 @@ def test_selection_latest_sweep_then_all_runs(store: dict, capsys) -> None:
     assert list(parse_csv(out)) == ORDER
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("--experiment", "nope"), "experiment 'nope' not found"),
-    (("--sweep", "0" * 32), f"run '{'0' * 32}' not found"),
-    (("--sweep", "not-a-run-id"), "run 'not-a-run-id' not found"),
-    (("--experiment", "Default"), "experiment 'Default' has no runs"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("--experiment", "nope"), "experiment 'nope' not found"),
+        (("--sweep", "0" * 32), f"run '{'0' * 32}' not found"),
+        (("--sweep", "not-a-run-id"), "run 'not-a-run-id' not found"),
+        (("--experiment", "Default"), "experiment 'Default' has no runs"),
+    ],
+)
 def test_user_mistakes_are_one_line_errors(store: dict, capsys, args: tuple[str, ...], needle: str) -> None:
     code, out, err = run_cli(capsys, "compare", "--no-chart", *args)
     assert code == 1 and out == ""
@@ -237,11 +302,16 @@ def test_500_runs_compare_quickly(workdir: Path) -> None:
     exp = experiment_id(client, "masksweep", artifacts)
     parent = client.create_run(exp, run_name="big", tags={"masksweep.role": "sweep"}).info.run_id
     for n in range(500):
-        run = client.create_run(exp, run_name=f"trial-{n}", tags={"mlflow.parentRunId": parent,
-                                                                  "optuna.trial_number": str(n)}).info.run_id
+        run = client.create_run(
+            exp, run_name=f"trial-{n}", tags={"mlflow.parentRunId": parent, "optuna.trial_number": str(n)}
+        ).info.run_id
         params = [Param(f"model.detector.key{j}", str(j)) for j in range(90)]
-        params += [Param("optimizer._target_", SGD), Param("lr", str(0.0001 * (n + 1))), Param("epochs", "5"),
-                   Param("optimized_metric", "val/ap_segm")]
+        params += [
+            Param("optimizer._target_", SGD),
+            Param("lr", str(0.0001 * (n + 1))),
+            Param("epochs", "5"),
+            Param("optimized_metric", "val/ap_segm"),
+        ]
         metrics = [Metric(k, (n % 97) / 100, 0, e) for e in (1, 2, 3) for k in RESULT_KEYS.values()]
         metrics += [Metric("train/epoch_loss", 1.0 / e, 0, e) for e in (1, 2, 3)]
         client.log_batch(run, params=params, metrics=metrics)

@@ -77,6 +77,10 @@ def test_stop_and_config_errors_survive_pickling() -> None:
 
     diverged = pickle.loads(pickle.dumps(TrialDiverged("non-finite loss", step=7, value=math.inf)))
     assert (type(diverged), diverged.reason, diverged.step, diverged.value) == (
-        TrialDiverged, "non-finite loss", 7, math.inf)
+        TrialDiverged,
+        "non-finite loss",
+        7,
+        math.inf,
+    )
     error = pickle.loads(pickle.dumps(ConfigError("lr", -1, "a float > 0")))
     assert str(error) == str(ConfigError("lr", -1, "a float > 0"))

@@ -25,8 +25,9 @@ def test_replay_has_identical_params_and_metrics_on_cpu(make_cfg, workdir: Path,
 
     client, _ = open_client(None, create=False)
     source_run = client.get_run(source["run_id"])
-    replays = client.search_runs([source_run.info.experiment_id],
-                                 f"tags.`masksweep.reproduced_from` = '{source['run_id']}'")
+    replays = client.search_runs(
+        [source_run.info.experiment_id], f"tags.`masksweep.reproduced_from` = '{source['run_id']}'"
+    )
     assert len(replays) == 1
     replay = replays[0]
     assert replay.info.run_id != source["run_id"] and replay.info.status == "FINISHED"
@@ -40,11 +41,15 @@ def test_replay_has_identical_params_and_metrics_on_cpu(make_cfg, workdir: Path,
 
 
 def test_replay_config_is_a_standalone_tracked_trial() -> None:
-    logged = OmegaConf.create({
-        "epochs": 5, "device": "auto", "lr": 0.001,
-        "optuna": {"storage": "postgresql://u:***@h/db", "study_name": "s", "trial_number": 3},
-        "tracking": {"enabled": True, "uri": "http://u:***@team:5000", "experiment_name": "masksweep"},
-    })
+    logged = OmegaConf.create(
+        {
+            "epochs": 5,
+            "device": "auto",
+            "lr": 0.001,
+            "optuna": {"storage": "postgresql://u:***@h/db", "study_name": "s", "trial_number": 3},
+            "tracking": {"enabled": True, "uri": "http://u:***@team:5000", "experiment_name": "masksweep"},
+        }
+    )
     cfg = replay_config(logged, None, ["epochs=2", "device=cpu", "lr=1e-4"])
     assert (cfg.optuna.storage, cfg.optuna.study_name, cfg.optuna.trial_number) == (None, None, None)
     assert cfg.tracking.uri is None and cfg.tracking.enabled is True
@@ -75,4 +80,3 @@ def test_unknown_run_and_run_without_config_are_one_line_errors(workdir: Path, c
     assert cli.main(["reproduce", bare]) == 1
     err = capsys.readouterr().err
     assert "has no config.yaml artifact" in err and len(err.strip().splitlines()) == 1
-

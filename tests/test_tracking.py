@@ -33,8 +33,14 @@ from masksweep.tracking import (
 from masksweep.train import train
 
 SECRET = "hunter2-not-a-real-password"
-PROVENANCE = {"git.commit", "git.dirty", "version.masksweep", "version.torch", "version.torchvision",
-              "data.fingerprint"}
+PROVENANCE = {
+    "git.commit",
+    "git.dirty",
+    "version.masksweep",
+    "version.torch",
+    "version.torchvision",
+    "data.fingerprint",
+}
 
 
 def store_client(workdir: Path):
@@ -57,8 +63,9 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_tiny_trial_is_recorded_exactly(make_cfg, workdir: Path, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture) -> None:
+def test_tiny_trial_is_recorded_exactly(
+    make_cfg, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setenv("MASKSWEEP_TEST_TOKEN", SECRET)  # environment variables never reach MLflow
     cfg = make_cfg(f"optuna.storage='postgresql://optuna:{SECRET}@db.example/optuna'", "trial_name=tiny")
     metrics = train(cfg)
@@ -81,8 +88,14 @@ def test_tiny_trial_is_recorded_exactly(make_cfg, workdir: Path, monkeypatch: py
             assert run.data.metrics[key] == value, key
     steps = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in steps] == [1, 2]  # smoke trainer: 2 steps, logged every step
-    assert {"train/lr", "train/loss_classifier", "train/epoch_loss", "time/epoch_seconds",
-            "time/images_per_second", "val/iou_instance_mean"} <= set(run.data.metrics)
+    assert {
+        "train/lr",
+        "train/loss_classifier",
+        "train/epoch_loss",
+        "time/epoch_seconds",
+        "time/images_per_second",
+        "val/iou_instance_mean",
+    } <= set(run.data.metrics)
     # Artifacts: the resolved config (secret masked), the curves, the overlays.
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves.png", "overlays"} <= artifacts
@@ -100,8 +113,9 @@ def test_tiny_trial_is_recorded_exactly(make_cfg, workdir: Path, monkeypatch: py
     assert float(row["Loss (last epoch)"]) == metrics["final/loss_last_epoch"]
 
 
-def test_failed_trial_is_recorded_and_the_error_propagates(make_cfg, workdir: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_trial_is_recorded_and_the_error_propagates(
+    make_cfg, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("boom in the engine")
 
@@ -117,8 +131,9 @@ def test_failed_trial_is_recorded_and_the_error_propagates(make_cfg, workdir: Pa
     assert len(run.data.params) > 50  # the inputs were logged before training started
 
 
-def test_stopped_trial_is_killed_with_its_reason(make_cfg, workdir: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stopped_trial_is_killed_with_its_reason(
+    make_cfg, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def diverging(*args, **kwargs):
         raise TrialDiverged("loss 2.1e+21 > max_loss 1000", step=7, value=2.1e21)
 
@@ -133,8 +148,9 @@ def test_stopped_trial_is_killed_with_its_reason(make_cfg, workdir: Path,
     assert "error" not in tags
 
 
-def test_unreachable_server_fails_before_training(make_cfg, workdir: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_server_fails_before_training(
+    make_cfg, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: pytest.fail("trained without tracking"))
     uri = f"http://tracker:{SECRET}@127.0.0.1:{free_port()}"
     with pytest.raises(TrackingError) as info:
@@ -177,13 +193,17 @@ def test_tracking_none_records_nothing(make_cfg, workdir: Path) -> None:
 
 def test_redaction_masks_passwords_and_env_set(tmp_path: Path) -> None:
     assert redact_uri("postgresql+psycopg2://u:pa55@h:5432/db") == "postgresql+psycopg2://u:***@h:5432/db"
-    assert redact_uri("sqlite:////tmp/x.db and http://host:5000/path") == "sqlite:////tmp/x.db and http://host:5000/path"
+    assert (
+        redact_uri("sqlite:////tmp/x.db and http://host:5000/path")
+        == "sqlite:////tmp/x.db and http://host:5000/path"
+    )
     src = tmp_path / "src"
     src.mkdir()
     (src / "overrides.yaml").write_text(f"- optuna.storage=postgresql://u:{SECRET}@h/db\n- lr=0.1\n")
     (src / "hydra.yaml").write_text(
         f"hydra:\n  job:\n    env_set:\n      API_TOKEN: {SECRET}\n  sweeper:\n"
-        f"    storage: mysql://root:{SECRET}@db/optuna\n")
+        f"    storage: mysql://root:{SECRET}@db/optuna\n"
+    )
     out = redacted_hydra_dir(src, tmp_path / "out")
     text = "".join(p.read_text() for p in out.iterdir())
     assert SECRET not in text and "lr=0.1" in text and "API_TOKEN" in text
@@ -199,8 +219,10 @@ def test_run_names_leave_the_seeded_random_stream_alone() -> None:
 
 
 def test_importing_train_and_the_cli_does_not_import_mlflow() -> None:
-    code = ("import sys, masksweep.train, masksweep.cli, masksweep.tracking; "
-            "sys.exit(1 if 'mlflow' in sys.modules else 0)")
+    code = (
+        "import sys, masksweep.train, masksweep.cli, masksweep.tracking; "
+        "sys.exit(1 if 'mlflow' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
@@ -248,8 +270,9 @@ def test_multirun_is_a_parent_run_with_nested_trials(workdir: Path, synthetic_ca
     exe = Path(sys.executable).with_name("masksweep-train")
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     args = ["-m", "lr=0.001,0.002", *TINY_OVERRIDES, f"data.cache_dir={synthetic_cache}"]
-    result = subprocess.run([str(exe), *args], cwd=workdir, capture_output=True, text=True, env=env,
-                            timeout=600)
+    result = subprocess.run(
+        [str(exe), *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = store_client(workdir)
     exp = client.get_experiment_by_name("masksweep")
@@ -286,12 +309,17 @@ def test_resume_finds_a_runs_checkpoint_dir(make_cfg, workdir: Path) -> None:
 
 
 def sweep_config(workdir: Path, study: str | None = None):
-    return OmegaConf.create({
-        "tracking": {"enabled": True, "uri": None, "experiment_name": "masksweep"},
-        "optimized_metric": "val/ap_segm",
-        "hydra": {"sweep": {"dir": str(workdir / "multirun" / "s1")}, "overrides": {"task": ["lr=0.1,0.2"]},
-                  **({"sweeper": {"study_name": study}} if study else {})},
-    })
+    return OmegaConf.create(
+        {
+            "tracking": {"enabled": True, "uri": None, "experiment_name": "masksweep"},
+            "optimized_metric": "val/ap_segm",
+            "hydra": {
+                "sweep": {"dir": str(workdir / "multirun" / "s1")},
+                "overrides": {"task": ["lr=0.1,0.2"]},
+                **({"sweeper": {"study_name": study}} if study else {}),
+            },
+        }
+    )
 
 
 def test_sweep_parent_run_logs_the_summary_and_resumes_its_study(workdir: Path) -> None:
@@ -302,9 +330,11 @@ def test_sweep_parent_run_logs_the_summary_and_resumes_its_study(workdir: Path) 
     callback.on_multirun_start(config)
     sweep = workdir / "multirun" / "s1"
     parent = (sweep / PARENT_RUN_FILE).read_text()
-    (sweep / SWEEP_RESULTS_FILE).write_text(f"study_name: s\nstorage: postgresql://u:{SECRET}@db/optuna\n"
-                                            "best:\n  value: 0.5\n  params:\n    lr: 0.1\n"
-                                            "counts:\n  complete: 2\n")
+    (sweep / SWEEP_RESULTS_FILE).write_text(
+        f"study_name: s\nstorage: postgresql://u:{SECRET}@db/optuna\n"
+        "best:\n  value: 0.5\n  params:\n    lr: 0.1\n"
+        "counts:\n  complete: 2\n"
+    )
     (sweep / "optimization_history.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     callback.on_multirun_end(config)
     client = store_client(workdir)
@@ -313,7 +343,8 @@ def test_sweep_parent_run_logs_the_summary_and_resumes_its_study(workdir: Path) 
     assert run.data.metrics["best.value"] == 0.5 and run.data.metrics["counts.complete"] == 2
     assert run.data.params["sweep.overrides"] == "lr=0.1,0.2"
     artifacts = {a.path for a in client.list_artifacts(parent)} | {
-        a.path for a in client.list_artifacts(parent, "plots")}
+        a.path for a in client.list_artifacts(parent, "plots")
+    }
     assert {SWEEP_RESULTS_FILE, "plots/optimization_history.png"} <= artifacts
     logged = Path(client.download_artifacts(parent, SWEEP_RESULTS_FILE, str(workdir))).read_text()
     assert SECRET not in logged and "postgresql://u:***@db/optuna" in logged

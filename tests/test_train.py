@@ -15,8 +15,13 @@ from masksweep.errors import DataError, TrialDiverged
 from masksweep.pretrain import cache_path
 from masksweep.train import train
 
-REPORT_KEYS = ("val/ap_bbox", "val/ap_segm", "val/iou_global", "final/loss_last_epoch",
-               "final/loss_classifier_last_epoch")
+REPORT_KEYS = (
+    "val/ap_bbox",
+    "val/ap_segm",
+    "val/iou_global",
+    "final/loss_last_epoch",
+    "final/loss_classifier_last_epoch",
+)
 
 
 def test_smoke_trial_ends_with_finite_losses(make_cfg) -> None:
@@ -27,12 +32,16 @@ def test_smoke_trial_ends_with_finite_losses(make_cfg) -> None:
     assert 0.0 <= metrics["val/ap_segm"] <= 1.0
 
 
+@pytest.mark.slow
 def test_same_config_gives_identical_losses_and_ap(make_cfg) -> None:
     cfg = make_cfg("tracking=none", "epochs=2", "data.hflip=0.5", "scheduler.warmup.iters=2")
     first, second = train(cfg), train(cfg)
-    assert {k: v for k, v in first.items() if k != "run_id"} == {k: v for k, v in second.items() if k != "run_id"}
+    assert {k: v for k, v in first.items() if k != "run_id"} == {
+        k: v for k, v in second.items() if k != "run_id"
+    }
 
 
+@pytest.mark.slow
 def test_other_seed_gives_other_losses(make_cfg) -> None:
     first = train(make_cfg("tracking=none", "seed=1"))
     second = train(make_cfg("tracking=none", "seed=2"))
@@ -40,16 +49,28 @@ def test_other_seed_gives_other_losses(make_cfg) -> None:
 
 
 def test_exploding_lr_diverges_within_a_few_steps(make_cfg) -> None:
-    cfg = make_cfg("tracking=none", "lr=50", "trainer.limit_train_batches=12", "divergence.sync_every=4",
-                   "trainer.grad_clip_norm=null")
+    cfg = make_cfg(
+        "tracking=none",
+        "lr=50",
+        "trainer.limit_train_batches=12",
+        "divergence.sync_every=4",
+        "trainer.grad_clip_norm=null",
+    )
     with pytest.raises(TrialDiverged) as info:
         train(cfg)
     assert info.value.step <= 12 and info.value.reason
 
 
+@pytest.mark.slow
 def test_pretraining_is_cached_and_keyed_by_its_params(make_cfg, workdir: Path) -> None:
-    overrides = ("tracking=none", "++model.pretrain.enabled=true", "model.pretrain.steps=2",
-                 "model.pretrain.num_images=4", "model.pretrain.batch_size=2", "model.pretrain.warmup_iters=1")
+    overrides = (
+        "tracking=none",
+        "++model.pretrain.enabled=true",
+        "model.pretrain.steps=2",
+        "model.pretrain.num_images=4",
+        "model.pretrain.batch_size=2",
+        "model.pretrain.warmup_iters=1",
+    )
     cfg = make_cfg(*overrides)
     train(cfg)
     cached = sorted((workdir / ".cache/masksweep/pretrained").glob("*.pt"))
@@ -63,6 +84,7 @@ def test_pretraining_is_cached_and_keyed_by_its_params(make_cfg, workdir: Path) 
     assert cache_path({"arch": "a"}, other.model.pretrain) != cache_path({"arch": "a"}, cfg.model.pretrain)
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_named_when_first_read(make_cfg, synthetic_cache: Path, workdir: Path) -> None:
     cfg = make_cfg("tracking=none", f"data.cache_dir={workdir / 'own-cache'}", "data.cache_images=false")
     train(cfg)  # generates the dataset

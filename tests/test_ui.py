@@ -21,9 +21,17 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 BIN = Path(sys.executable).parent
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,900",
-                  "--virtual-time-budget=15000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1400,900",
+    "--virtual-time-budget=15000",
+]
 
 
 def free_port() -> int:
@@ -44,16 +52,21 @@ def trial(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> di
     cwd = tmp_path_factory.mktemp("ui-store")
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     args = [*TINY_OVERRIDES, f"data.cache_dir={synthetic_cache}"]
-    result = subprocess.run([str(BIN / "masksweep-train"), *args], cwd=cwd, capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = subprocess.run(
+        [str(BIN / "masksweep-train"), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("masksweep")
     (run,) = client.search_runs([exp.experiment_id])
-    return {"cwd": cwd, "experiment_id": exp.experiment_id, "run_id": run.info.run_id,
-            "run_name": run.info.run_name}
+    return {
+        "cwd": cwd,
+        "experiment_id": exp.experiment_id,
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +75,13 @@ def ui(trial: dict) -> Iterator[dict]:
     port = free_port()
     log_path = trial["cwd"] / "ui.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(BIN / "masksweep"), "ui", "--port", str(port)], cwd=trial["cwd"],
-                                stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.Popen(
+            [str(BIN / "masksweep"), "ui", "--port", str(port)],
+            cwd=trial["cwd"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     base = f"http://127.0.0.1:{port}"
@@ -98,9 +116,11 @@ def test_ui_prints_its_url_and_lists_the_trial_over_rest(ui: dict) -> None:
     assert ui["printed"].startswith(f"MLflow UI for sqlite:///{ui['cwd']}/mlruns/mlflow.db: ")
     assert f"{ui['base']}/#/experiments/{ui['experiment_id']}/runs" in ui["printed"]
     request = urllib.request.Request(
-        ui["base"] + "/api/2.0/mlflow/runs/search", method="POST",
+        ui["base"] + "/api/2.0/mlflow/runs/search",
+        method="POST",
         headers={"Content-Type": "application/json"},
-        data=json.dumps({"experiment_ids": [ui["experiment_id"]]}).encode())
+        data=json.dumps({"experiment_ids": [ui["experiment_id"]]}).encode(),
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         runs = json.load(response)["runs"]
     ours = [r for r in runs if r["info"]["run_id"] == ui["run_id"]]
@@ -131,8 +151,9 @@ def test_headless_chromium_shows_the_run(ui: dict, tmp_path: Path) -> None:
     assert ui["run_name"] in dom.stdout, "the run is not listed on the experiment's runs page"
 
     screenshot = tmp_path / "mlflow-ui.png"
-    shot = subprocess.run([*run, f"--screenshot={screenshot}", url], capture_output=True, text=True,
-                          timeout=180)
+    shot = subprocess.run(
+        [*run, f"--screenshot={screenshot}", url], capture_output=True, text=True, timeout=180
+    )
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
     keep = os.environ.get("MASKSWEEP_SCREENSHOT_DIR")
@@ -147,8 +168,13 @@ def test_port_in_use_is_a_one_line_error(workdir: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run([str(BIN / "masksweep"), "ui", "--port", str(port)], cwd=workdir,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [str(BIN / "masksweep"), "ui", "--port", str(port)],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 1
     expected = f"masksweep ui: error: port {port} on 127.0.0.1 is in use; pick another with --port"
     assert result.stderr.strip() == expected

@@ -47,8 +47,9 @@ def save_curves(history: Sequence[dict[str, float]], path: Path) -> Path:
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [row["train/epoch_loss"] for row in history], marker="o", label="loss")
-    ax_loss.plot(epochs, [row["train/epoch_loss_classifier"] for row in history], marker="o",
-                 label="loss_classifier")
+    ax_loss.plot(
+        epochs, [row["train/epoch_loss_classifier"] for row in history], marker="o", label="loss_classifier"
+    )
     ax_loss.set(xlabel="epoch", ylabel="mean train loss", yscale="log", title="training loss")
     ax_loss.legend()
     for key in ("val/ap_bbox", "val/ap_segm", "val/iou_global"):

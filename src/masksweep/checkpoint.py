@@ -39,7 +39,9 @@ def load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: name it, never unpickle arbitrary objects
-        raise ConfigError("resume", str(path), f"a masksweep checkpoint loadable with weights_only ({exc})") from exc
+        raise ConfigError(
+            "resume", str(path), f"a masksweep checkpoint loadable with weights_only ({exc})"
+        ) from exc
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -57,8 +59,14 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
-    np.random.set_state({"bit_generator": "MT19937", "has_gauss": 0, "gauss": 0.0,
-                         "state": {"key": state["numpy"].numpy().astype(np.uint32), "pos": state["numpy_pos"]}})
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "has_gauss": 0,
+            "gauss": 0.0,
+            "state": {"key": state["numpy"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
+        }
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -70,8 +78,9 @@ def check_compatible(checkpoint: dict[str, Any], model_cfg: dict[str, Any], path
     saved = checkpoint["model_config"]
     for key in sorted(set(saved) | set(model_cfg)):
         if key != "pretrain" and saved.get(key) != model_cfg.get(key):
-            raise ConfigError(f"model.{key}", model_cfg.get(key),
-                              f"{saved.get(key)!r}, the value {path} was trained with")
+            raise ConfigError(
+                f"model.{key}", model_cfg.get(key), f"{saved.get(key)!r}, the value {path} was trained with"
+            )
 
 
 class CheckpointManager:

@@ -1,4 +1,4 @@
-"""`masksweep`: compare trials, reproduce a run, open the MLflow UI. (`masksweep-train` trains.)
+"""`masksweep`: compare, reproduce, ui, predict, evaluate. (`masksweep-train` trains.)
 
 Heavy modules (mlflow, torch) load inside the commands, so `masksweep --help` answers at once.
 User mistakes end as one line on stderr and exit status 1 (2 for bad command-line syntax).
@@ -18,55 +18,170 @@ DEFAULT_CHART = Path("outputs/compare.png")
 
 
 def _add_store(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", metavar="URI", default=None,
-                        help="an MLflow server or database (default: the embedded store ./mlruns/mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="an MLflow server or database (default: the embedded store ./mlruns/mlflow.db)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Compare, reproduce and browse masksweep trials recorded in MLflow.",
+        prog=PROG,
+        description="Compare, reproduce and browse masksweep trials recorded in MLflow.",
         epilog="Train with masksweep-train (e.g. `masksweep-train experiment=trial2`, "
-               "`masksweep-train -m ...`).")
+        "`masksweep-train -m ...`).",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     compare = commands.add_parser(
-        "compare", help="the report's tables (hyperparameters, results) for a sweep or an experiment",
+        "compare",
+        help="the report's tables (hyperparameters, results) for a sweep or an experiment",
         description="Print the hyperparameter and results tables from MLflow, sorted by the optimized "
-                    "metric, and write a PNG of the loss curves and AP per trial. Default: the latest sweep "
-                    "of the experiment, or all its runs when the latest run was not a sweep.")
+        "metric, and write a PNG of the loss curves and AP per trial. Default: the latest sweep "
+        "of the experiment, or all its runs when the latest run was not a sweep.",
+    )
     compare.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: masksweep)")
     compare.add_argument("--sweep", metavar="PARENT_RUN_ID", help="a sweep's parent run: compare its trials")
-    compare.add_argument("--all", action="store_true", dest="all_runs",
-                         help="every trial run of the experiment, not only the latest sweep")
-    compare.add_argument("--format", choices=("table", "markdown", "csv"), default="table",
-                         help="table (default), markdown or csv (one flat table, full precision)")
-    compare.add_argument("--output", metavar="FILE", type=Path,
-                         help="write the tables to FILE instead of stdout")
-    compare.add_argument("--chart", metavar="PNG", type=Path, default=DEFAULT_CHART,
-                         help=f"where the chart goes (default: {DEFAULT_CHART})")
+    compare.add_argument(
+        "--all",
+        action="store_true",
+        dest="all_runs",
+        help="every trial run of the experiment, not only the latest sweep",
+    )
+    compare.add_argument(
+        "--format",
+        choices=("table", "markdown", "csv"),
+        default="table",
+        help="table (default), markdown or csv (one flat table, full precision)",
+    )
+    compare.add_argument(
+        "--output", metavar="FILE", type=Path, help="write the tables to FILE instead of stdout"
+    )
+    compare.add_argument(
+        "--chart",
+        metavar="PNG",
+        type=Path,
+        default=DEFAULT_CHART,
+        help=f"where the chart goes (default: {DEFAULT_CHART})",
+    )
     compare.add_argument("--no-chart", action="store_true", help="do not draw the chart")
     _add_store(compare)
 
     reproduce = commands.add_parser(
-        "reproduce", help="re-run a logged run from its logged config and diff the two",
+        "reproduce",
+        help="re-run a logged run from its logged config and diff the two",
         description="Download RUN_ID's logged config, train it again as a new run tagged "
-                    "masksweep.reproduced_from=RUN_ID, and print the params and final metrics side by side.")
+        "masksweep.reproduced_from=RUN_ID, and print the params and final metrics side by side.",
+    )
     reproduce.add_argument("run_id", metavar="RUN_ID")
-    reproduce.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                           help="config changes for the replay, e.g. device=cpu (the diff shows them)")
+    reproduce.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config changes for the replay, e.g. device=cpu (the diff shows them)",
+    )
     reproduce.add_argument("--check", action="store_true", help="exit 1 when the metrics differ")
     _add_store(reproduce)
 
-    ui = commands.add_parser("ui", help="start the MLflow UI on the store and print its URL",
-                             description="Run `mlflow server` on the store (Ctrl-C stops it).")
+    ui = commands.add_parser(
+        "ui",
+        help="start the MLflow UI on the store and print its URL",
+        description="Run `mlflow server` on the store (Ctrl-C stops it).",
+    )
     ui.add_argument("--port", type=int, default=5000, help="default: 5000")
     ui.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (loopback only)")
     ui.add_argument("--experiment", metavar="NAME", default="masksweep", help="the experiment the URL opens")
     _add_store(ui)
+
+    predict = commands.add_parser(
+        "predict",
+        help="instance-id maps, overlays and COCO predictions for image files",
+        description="For each image: NAME_instances.png (0 = background, 1..N by descending score; 16-bit "
+        "beyond 255 instances) and NAME_overlay.png; plus predictions.json (COCO results) for all.",
+    )
+    _add_model_source(predict)
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
+    predict.add_argument("--out", type=Path, required=True, metavar="DIR")
+    predict.add_argument("--score-threshold", type=float, default=0.5)
+    predict.add_argument("--mask-threshold", type=float, default=0.5)
+    predict.add_argument("--batch-size", type=int, default=4)
+    predict.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    _add_store(predict)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="re-score a trained model on any dataset config",
+        description="AP bbox/segm and the IoUs of a trained model on the val split of a data config, logged "
+        "to the source run as eval/<dataset>/<metric> (or to a new run with --new-run).",
+    )
+    _add_model_source(evaluate)
+    evaluate.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="Hydra overrides for the data, e.g. data=coco data.val.ann_file=...",
+    )
+    evaluate.add_argument("--new-run", action="store_true", help="log to a new MLflow run")
+    evaluate.add_argument("--experiment", metavar="NAME", default="masksweep")
+    evaluate.add_argument("--device", default="auto")
+    _add_store(evaluate)
     return parser
 
 
+def _add_model_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_ID", help="an MLflow run: its best checkpoint (else its last)")
+    source.add_argument("--checkpoint", metavar="PATH", type=Path, help="a masksweep checkpoint file")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from masksweep.inference import find_images, load_trained, predict_files
+    from masksweep.rescore import checkpoint_of
+    from masksweep.train import resolve_device
+
+    device = resolve_device(args.device)
+    trained = load_trained(checkpoint_of(args.run, args.checkpoint, args.tracking_uri), device)
+    paths = find_images(args.inputs)
+    summary = predict_files(
+        trained,
+        paths,
+        args.out,
+        device,
+        args.score_threshold,
+        args.mask_threshold,
+        args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
+    print(f"wrote {len(summary.written)} of {len(paths)} images to {args.out}")
+    for path, reason in summary.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 1 if summary.skipped else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from masksweep.rescore import checkpoint_of, record, rescore
+    from masksweep.train import resolve_device
+
+    checkpoint = checkpoint_of(args.run, args.checkpoint, args.tracking_uri)
+    dataset, metrics = rescore(checkpoint, args.overrides, resolve_device(args.device))
+    for key, value in metrics.items():
+        print(f"{key:>20}: {value:.4f}")
+    if args.run or args.new_run:
+        from masksweep.tracking import open_client
+
+        client, _ = open_client(args.tracking_uri)
+        run_id = record(client, args.run, args.new_run, args.experiment, dataset, metrics, checkpoint)
+        print(f"logged as eval/{dataset}/... to run {run_id}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command == "ui":
         from masksweep.ui import serve
 
@@ -78,8 +193,15 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "compare":
         from masksweep.compare import compare
 
-        compare(client, args.experiment, args.sweep, args.format, args.output,
-                None if args.no_chart else args.chart, args.all_runs)
+        compare(
+            client,
+            args.experiment,
+            args.sweep,
+            args.format,
+            args.output,
+            None if args.no_chart else args.chart,
+            args.all_runs,
+        )
         return 0
     from masksweep.reproduce import reproduce
 

@@ -45,15 +45,21 @@ RESULT_COLUMNS = (
     ("Global IoU", "val/iou_global"),
 )
 STATUS_COLUMNS = ("Status", "Stop reason", "Stop step")
-NUMERIC_COLUMNS = {*(name for name, _ in RESULT_COLUMNS), "lr", "Momentum", "Weight decay", "Epochs",
-                   "Stop step"}
+NUMERIC_COLUMNS = {
+    *(name for name, _ in RESULT_COLUMNS),
+    "lr",
+    "Momentum",
+    "Weight decay",
+    "Epochs",
+    "Stop step",
+}
 
 
 @dataclass
 class Selection:
     experiment_id: str
     experiment_name: str
-    description: str              # e.g. "sweep sweep-foo (3f2a...)" or "all runs"
+    description: str  # e.g. "sweep sweep-foo (3f2a...)" or "all runs"
     sweep_run_id: str | None = None
 
 
@@ -61,8 +67,8 @@ class Selection:
 class Row:
     run_id: str
     label: str
-    hyper: dict[str, str]                 # column -> displayed value
-    metrics: dict[str, float | None]      # metric key -> latest value
+    hyper: dict[str, str]  # column -> displayed value
+    metrics: dict[str, float | None]  # metric key -> latest value
     status: str
     stop_kind: str = ""
     stop_reason: str = ""
@@ -87,8 +93,13 @@ def _search_all(client: RetryingClient, experiment_id: str, filter_string: str =
     runs: list[Run] = []
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=5000,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
+        page = client.search_runs(
+            [experiment_id],
+            filter_string,
+            max_results=5000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -99,8 +110,9 @@ def _experiment(client: RetryingClient, name: str):
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise TrackingError(f"experiment {name!r} not found in {client.tracking_uri}; existing: "
-                            f"{', '.join(names) or 'none'}")
+        raise TrackingError(
+            f"experiment {name!r} not found in {client.tracking_uri}; existing: {', '.join(names) or 'none'}"
+        )
     return experiment
 
 
@@ -113,8 +125,9 @@ def _get_run(client: RetryingClient, run_id: str) -> Run:
         raise TrackingError(f"run {run_id!r} not found in {client.tracking_uri}") from exc
 
 
-def select_runs(client: RetryingClient, experiment: str | None = None, sweep: str | None = None,
-                all_runs: bool = False) -> tuple[Selection, list[Run]]:
+def select_runs(
+    client: RetryingClient, experiment: str | None = None, sweep: str | None = None, all_runs: bool = False
+) -> tuple[Selection, list[Run]]:
     """The trial runs to compare.
 
     --sweep ID: that parent run's nested trials. --all: every trial run of the experiment. Default: what ran
@@ -133,8 +146,9 @@ def select_runs(client: RetryingClient, experiment: str | None = None, sweep: st
 
     exp = _experiment(client, experiment or DEFAULT_EXPERIMENT)
     if not all_runs:
-        latest = client.search_runs([exp.experiment_id], "", max_results=1,
-                                    order_by=["attributes.start_time DESC"])
+        latest = client.search_runs(
+            [exp.experiment_id], "", max_results=1, order_by=["attributes.start_time DESC"]
+        )
         if latest:
             tags = latest[0].data.tags
             parent_id = latest[0].info.run_id if tags.get(TAG_ROLE) == "sweep" else tags.get(PARENT_TAG)
@@ -203,9 +217,13 @@ def build_rows(runs: Sequence[Run], metric: str | None = None) -> list[Row]:
         }
         keys = {key for _, key in RESULT_COLUMNS} | {metric}
         row = Row(
-            run_id=run.info.run_id, label=_label(run), hyper=hyper,
-            metrics={key: values.get(key) for key in keys}, status=run.info.status,
-            stop_kind=tags.get("stop.kind", ""), stop_reason=tags.get("stop.reason", ""),
+            run_id=run.info.run_id,
+            label=_label(run),
+            hyper=hyper,
+            metrics={key: values.get(key) for key in keys},
+            status=run.info.status,
+            stop_kind=tags.get("stop.kind", ""),
+            stop_reason=tags.get("stop.reason", ""),
             stop_step=tags.get("stop.step", ""),
         )
         if TAG_ERROR in tags:
@@ -242,7 +260,7 @@ def format_number(value: float | None) -> str:
 
 def _short(text: str, width: int = 60) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def hyper_table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
@@ -252,8 +270,16 @@ def hyper_table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
 
 def results_table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     header = ["Trial", *(name for name, _ in RESULT_COLUMNS), *STATUS_COLUMNS]
-    body = [[r.label, *(format_number(r.metrics.get(key)) for _, key in RESULT_COLUMNS), r.status_label,
-             _short(r.reason), r.stop_step] for r in rows]
+    body = [
+        [
+            r.label,
+            *(format_number(r.metrics.get(key)) for _, key in RESULT_COLUMNS),
+            r.status_label,
+            _short(r.reason),
+            r.stop_step,
+        ]
+        for r in rows
+    ]
     return header, body
 
 
@@ -265,12 +291,23 @@ def render_markdown(rows: Sequence[Row], selection: Selection, metric: str) -> s
         return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, body)])
 
     title = f"experiment {selection.experiment_name}, {selection.description}, sorted by {metric}"
-    return (f"## Hyperparameters\n\n_{title}_\n\n{table(*hyper_table(rows))}\n\n"
-            f"## Results\n\n{table(*results_table(rows))}\n")
+    return (
+        f"## Hyperparameters\n\n_{title}_\n\n{table(*hyper_table(rows))}\n\n"
+        f"## Results\n\n{table(*results_table(rows))}\n"
+    )
 
 
-CSV_HEADER = ["Trial", "Run ID", *(name for name, _ in HYPER_COLUMNS), *(name for name, _ in RESULT_COLUMNS),
-              "Status", "Stop kind", "Stop reason", "Stop step", "Error"]
+CSV_HEADER = [
+    "Trial",
+    "Run ID",
+    *(name for name, _ in HYPER_COLUMNS),
+    *(name for name, _ in RESULT_COLUMNS),
+    "Status",
+    "Stop kind",
+    "Stop reason",
+    "Stop step",
+    "Error",
+]
 
 
 def render_csv(rows: Sequence[Row]) -> str:
@@ -280,9 +317,19 @@ def render_csv(rows: Sequence[Row]) -> str:
     writer.writerow(CSV_HEADER)
     for r in rows:
         values = [r.metrics.get(key) for _, key in RESULT_COLUMNS]
-        writer.writerow([r.label, r.run_id, *(r.hyper[name] for name, _ in HYPER_COLUMNS),
-                         *("" if v is None else repr(v) for v in values), r.status, r.stop_kind,
-                         r.stop_reason, r.stop_step, r.extra.get("error", "")])
+        writer.writerow(
+            [
+                r.label,
+                r.run_id,
+                *(r.hyper[name] for name, _ in HYPER_COLUMNS),
+                *("" if v is None else repr(v) for v in values),
+                r.status,
+                r.stop_kind,
+                r.stop_reason,
+                r.stop_step,
+                r.extra.get("error", ""),
+            ]
+        )
     return out.getvalue()
 
 
@@ -294,8 +341,12 @@ def render_table(rows: Sequence[Row], selection: Selection, metric: str, console
         table = Table(title=title, caption=caption if title == "Results" else None, title_justify="left")
         for name in header:
             numeric = name in NUMERIC_COLUMNS
-            table.add_column(name, justify="right" if numeric else "left",
-                             no_wrap=name in ("Run ID", "Trial"), overflow="fold")
+            table.add_column(
+                name,
+                justify="right" if numeric else "left",
+                no_wrap=name in ("Run ID", "Trial"),
+                overflow="fold",
+            )
         for cells in body:
             table.add_row(*cells)
         console.print(table)
@@ -304,8 +355,9 @@ def render_table(rows: Sequence[Row], selection: Selection, metric: str, console
 # ----------------------------------------------------------------------------------------------------- chart
 
 
-def write_chart(client: RetryingClient, rows: Sequence[Row], path: Path, selection: Selection,
-                metric: str) -> Path:
+def write_chart(
+    client: RetryingClient, rows: Sequence[Row], path: Path, selection: Selection, metric: str
+) -> Path:
     """Left: train/epoch_loss per epoch for the best MAX_CURVES trials. Right: AP bbox/segm per trial."""
     import matplotlib
 
@@ -330,8 +382,9 @@ def write_chart(client: RetryingClient, rows: Sequence[Row], path: Path, selecti
             ax_loss.set_yscale("log")
         ax_loss.legend(fontsize="small", ncol=1 if drawn <= 10 else 2)
     else:
-        ax_loss.text(0.5, 0.5, "no train/epoch_loss logged", ha="center", va="center",
-                     transform=ax_loss.transAxes)
+        ax_loss.text(
+            0.5, 0.5, "no train/epoch_loss logged", ha="center", va="center", transform=ax_loss.transAxes
+        )
     if len(rows) > MAX_CURVES:
         ax_loss.set_title(f"training loss, best {MAX_CURVES} of {len(rows)} trials")
 
@@ -343,11 +396,15 @@ def write_chart(client: RetryingClient, rows: Sequence[Row], path: Path, selecti
         values = [(r.metrics.get(key) or 0.0) for r in bars][::-1]
         ax_ap.barh([p + offset for p in positions], values, height=height, label=name)
     ax_ap.set_yticks(positions, labels, fontsize="small")
-    ax_ap.set(xlabel="AP", xlim=(0, 1), title="AP per trial" + (f" (best {MAX_BARS} of {len(rows)})"
-                                                               if len(rows) > MAX_BARS else ""))
+    ax_ap.set(
+        xlabel="AP",
+        xlim=(0, 1),
+        title="AP per trial" + (f" (best {MAX_BARS} of {len(rows)})" if len(rows) > MAX_BARS else ""),
+    )
     ax_ap.legend(loc="lower right", fontsize="small")
-    fig.suptitle(f"{selection.experiment_name}: {selection.description} (sorted by {metric})",
-                 fontsize="medium")
+    fig.suptitle(
+        f"{selection.experiment_name}: {selection.description} (sorted by {metric})", fontsize="medium"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -358,9 +415,17 @@ def write_chart(client: RetryingClient, rows: Sequence[Row], path: Path, selecti
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def compare(client: RetryingClient, experiment: str | None = None, sweep: str | None = None,
-            fmt: str = "table", output: Path | None = None, chart: Path | None = None,
-            all_runs: bool = False, out=None, err=None) -> list[Row]:
+def compare(
+    client: RetryingClient,
+    experiment: str | None = None,
+    sweep: str | None = None,
+    fmt: str = "table",
+    output: Path | None = None,
+    chart: Path | None = None,
+    all_runs: bool = False,
+    out=None,
+    err=None,
+) -> list[Row]:
     """Print (or write) the tables; write the chart when `chart` is set. Returns the rows."""
     import sys
 

@@ -63,8 +63,9 @@ class DivergenceDetector:
         code = torch.where(torch.isfinite(loss), code, 1.0)
 
         first = (self._latched[0] == 0) & (code > 0)
-        candidate = torch.stack([code, torch.tensor(float(step), dtype=torch.float64, device=loss.device),
-                                 loss.double()])
+        candidate = torch.stack(
+            [code, torch.tensor(float(step), dtype=torch.float64, device=loss.device), loss.double()]
+        )
         self._latched = torch.where(first, candidate, self._latched)
         # Only healthy losses feed the running median, so one spike does not raise the bar for the next.
         self._history[self.steps_seen % self.window] = torch.where(code == 0, loss, math.nan)
@@ -78,11 +79,13 @@ class DivergenceDetector:
             return
         code, step, value = self._latched.tolist()
         if code:
-            raise TrialDiverged(REASONS[int(code)], step=int(step), value=value)
+            raise TrialDiverged(REASONS[int(code)], step=int(step), value=value, detected_at=self.steps_seen)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_seen": self.steps_seen,
-                "history": None if self._history is None else self._history.cpu()}
+        return {
+            "steps_seen": self.steps_seen,
+            "history": None if self._history is None else self._history.cpu(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_seen = state["steps_seen"]

@@ -26,14 +26,14 @@ StepLogger = Callable[[int, dict[str, float]], None]
 @dataclass(frozen=True)
 class StepOptions:
     grad_clip_norm: float | None = None
-    amp_dtype: torch.dtype | None = None   # None = full precision
+    amp_dtype: torch.dtype | None = None  # None = full precision
     log_every: int = 10
     limit_batches: int | None = None
     progress: bool = False
 
 
 def _plain(value: object, device: torch.device) -> object:
-    # tv_tensors subclasses carry metadata the detector does not need; plain tensors avoid their wrapping cost.
+    # tv_tensors subclasses carry metadata the detector does not need; plain tensors skip their wrapping.
     if isinstance(value, torch.Tensor):
         return value.as_subclass(torch.Tensor).to(device, non_blocking=True)
     return value
@@ -110,17 +110,19 @@ def train_one_epoch(
         sums += step_values
         steps += 1
         global_step += 1
-        # With AMP fp16 the scaler skips non-finite steps on purpose; only a finite-scale overflow is divergence.
+        # With AMP fp16 the scaler skips non-finite steps on purpose, so only the loss is checked then.
         detector.update(global_step, total, None if scaler is not None else grad_norm)
         if on_log is not None and global_step % options.log_every == 0:
-            values = dict(zip(STEP_KEYS, step_values.tolist()))  # the one host sync of the N steps
+            values = dict(
+                zip(STEP_KEYS, step_values.tolist(), strict=True)
+            )  # the one host sync of the N steps
             values["lr"] = optimizer.param_groups[0]["lr"]
             on_log(global_step, values)
             if options.progress and hasattr(batches, "set_postfix"):
                 batches.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
     detector.check()
     means = (sums / max(steps, 1)).tolist()
-    return dict(zip(STEP_KEYS, means)), global_step
+    return dict(zip(STEP_KEYS, means, strict=True)), global_step
 
 
 @torch.inference_mode()

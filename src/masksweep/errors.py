@@ -32,13 +32,17 @@ class TrialStopped(MasksweepError):
 
     kind = "stopped"
 
-    def __init__(self, reason: str, step: int, value: float | None = None) -> None:
+    def __init__(
+        self, reason: str, step: int, value: float | None = None, detected_at: int | None = None
+    ) -> None:
+        # step: where the problem began (e.g. the first bad step); detected_at: the step the trial stopped at.
         self.reason, self.step, self.value = reason, step, value
+        self.detected_at = step if detected_at is None else detected_at
         detail = f" (value {value:.6g})" if value is not None else ""
         super().__init__(f"trial {self.kind} at step {step}: {reason}{detail}")
 
     def __reduce__(self) -> tuple:
-        return type(self), (self.reason, self.step, self.value)
+        return type(self), (self.reason, self.step, self.value, self.detected_at)
 
 
 class TrialPruned(TrialStopped):

@@ -64,8 +64,9 @@ class PredictSummary:
 
 def _to_original_size(output: dict[str, torch.Tensor], height: int, width: int, size: int) -> dict:
     """Map a prediction made at size x size back to the image's own resolution."""
-    masks = torch.nn.functional.interpolate(output["masks"], size=(height, width), mode="bilinear",
-                                            align_corners=False)
+    masks = torch.nn.functional.interpolate(
+        output["masks"], size=(height, width), mode="bilinear", align_corners=False
+    )
     scale = torch.tensor([width / size, height / size, width / size, height / size])
     return {**output, "masks": masks, "boxes": output["boxes"] * scale}
 
@@ -94,13 +95,17 @@ def predict_files(
     from masksweep.postprocess import instance_map, overlay
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    resize = v2.Compose([v2.Resize((trained.image_size, trained.image_size), antialias=True),
-                         v2.ToDtype(torch.float32, scale=True)])
+    resize = v2.Compose(
+        [
+            v2.Resize((trained.image_size, trained.image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
     summary, results, image_ids = PredictSummary(), [], {}
     bar = tqdm(total=len(paths), desc="predict", disable=not progress, unit="img")
     for start in range(0, len(paths), batch_size):
         batch: list[tuple[Path, torch.Tensor]] = []
-        for path in paths[start:start + batch_size]:
+        for path in paths[start : start + batch_size]:
             try:
                 batch.append((path, read_rgb(path)))
             except DataError as exc:
@@ -117,7 +122,8 @@ def predict_files(
             stem = out_dir / path.stem
             _save_instance_map(ids, stem.with_name(f"{path.stem}_instances.png"))
             Image.fromarray(overlay(image.permute(1, 2, 0).numpy(), ids)).save(
-                stem.with_name(f"{path.stem}_overlay.png"))
+                stem.with_name(f"{path.stem}_overlay.png")
+            )
             image_id = len(image_ids) + 1
             image_ids[image_id] = str(path)
             keep = output["scores"] >= score_threshold

@@ -77,7 +77,9 @@ def replace_heads(model: MaskRCNN, num_classes: int) -> None:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint: a bare state dict or a masksweep checkpoint holding one under "model"."""
     if not path.is_file():
-        raise ConfigError("model.weights", str(path), "an existing checkpoint file or a torchvision weights name")
+        raise ConfigError(
+            "model.weights", str(path), "an existing checkpoint file or a torchvision weights name"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors come in many types; all mean "not a usable checkpoint"
@@ -94,12 +96,18 @@ def load_checkpoint_weights(model: torch.nn.Module, path: Path) -> list[str]:
     own = model.state_dict()
     unknown = sorted(k for k in state if k not in own)
     if unknown:
-        raise ConfigError("model.weights", str(path), f"a checkpoint of this architecture (unexpected keys {unknown[:3]})")
+        raise ConfigError(
+            "model.weights", str(path), f"a checkpoint of this architecture (unexpected keys {unknown[:3]})"
+        )
     skipped = sorted(k for k, v in state.items() if v.shape != own[k].shape)
     model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
     if skipped:
-        log.info("Loaded %s without %d mismatched tensors (heads for another class count): %s",
-                 path, len(skipped), ", ".join(skipped))
+        log.info(
+            "Loaded %s without %d mismatched tensors (heads for another class count): %s",
+            path,
+            len(skipped),
+            ", ".join(skipped),
+        )
     return skipped
 
 
@@ -116,9 +124,10 @@ def build_model(
 ) -> MaskRCNN:
     """Build `arch` with `num_classes` heads.
 
-    `weights` is null, a torchvision weights enum name (e.g. "MaskRCNN_ResNet50_FPN_Weights.COCO_V1" or "DEFAULT",
-    downloaded when online), or a local checkpoint path loaded with weights_only=True. With null weights and
-    `pretrain.enabled`, the model starts from a cached one-time pretraining on synthetic data (pretrain.py).
+    `weights` is null, a torchvision weights enum name (e.g. "DEFAULT" or
+    "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"; downloaded when online), or a local checkpoint path loaded with
+    weights_only=True. With null weights and `pretrain.enabled`, the model starts from a cached one-time
+    pretraining on synthetic data (pretrain.py).
     """
     if arch not in BUILDERS:
         raise ConfigError("model.arch", arch, ", ".join(BUILDERS))
@@ -126,12 +135,20 @@ def build_model(
     if weights is None and pretrain is not None and pretrain.get("enabled"):
         from masksweep.pretrain import ensure_pretrained
 
-        spec = {"arch": arch, "num_classes": num_classes, "weights_backbone": weights_backbone,
-                "trainable_backbone_layers": trainable_backbone_layers, "min_size": min_size,
-                "max_size": max_size, "detector": dict(detector or {})}
+        spec = {
+            "arch": arch,
+            "num_classes": num_classes,
+            "weights_backbone": weights_backbone,
+            "trainable_backbone_layers": trainable_backbone_layers,
+            "min_size": min_size,
+            "max_size": max_size,
+            "detector": dict(detector or {}),
+        }
         checkpoint = ensure_pretrained(spec, pretrain)
     if weights is not None and checkpoint is None and arch == "maskrcnn_resnet18_fpn":
-        raise ConfigError("model.weights", weights, "null or a checkpoint path (torchvision has no such weights)")
+        raise ConfigError(
+            "model.weights", weights, "null or a checkpoint path (torchvision has no such weights)"
+        )
     enum_weights = None if checkpoint is not None or weights is None else _verify_enum(arch, weights)
     kwargs = dict(detector or {}, min_size=min_size, max_size=max_size)
     if enum_weights is None:

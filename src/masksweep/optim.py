@@ -1,4 +1,4 @@
-"""Optimizer, per-epoch lr scheduler and per-iteration linear warm-up, from the optimizer and scheduler groups."""
+"""Optimizer, per-epoch lr scheduler and per-iteration linear warm-up, from their config groups."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def build_scheduler(
     return instantiate(scheduler_cfg.lr_scheduler)(optimizer)
 
 
-def build_warmup(scheduler_cfg: DictConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LinearLR | None:
+def build_warmup(
+    scheduler_cfg: DictConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LinearLR | None:
     """A linear warm-up stepped every iteration, as in torchvision's detection references.
 
     LinearLR is chainable, so it composes with the epoch scheduler on the same optimizer.

@@ -61,31 +61,50 @@ def _pretrain(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> d
     from masksweep.model import build_model
 
     steps = int(pretrain["steps"])
-    log.info("Pretraining %s once for %d steps on synthetic data (seed %s); cached for later runs.",
-             model_kwargs["arch"], steps, pretrain["seed"])
+    log.info(
+        "Pretraining %s once for %d steps on synthetic data (seed %s); cached for later runs.",
+        model_kwargs["arch"],
+        steps,
+        pretrain["seed"],
+    )
     torch.manual_seed(int(pretrain["seed"]))
-    data_cfg = OmegaConf.create({
-        "name": "synthetic", "image_size": pretrain["image_size"], "hflip": 0.5, "keep_empty": False,
-        "verify": False, "cache_images": True, "num_train": pretrain["num_images"], "num_val": 1,
-        "seed": pretrain["seed"], "cache_dir": str(Path(pretrain["cache_dir"]) / "data"),
-    })
+    data_cfg = OmegaConf.create(
+        {
+            "name": "synthetic",
+            "image_size": pretrain["image_size"],
+            "hflip": 0.5,
+            "keep_empty": False,
+            "verify": False,
+            "cache_images": True,
+            "num_train": pretrain["num_images"],
+            "num_val": 1,
+            "seed": pretrain["seed"],
+            "cache_dir": str(Path(pretrain["cache_dir"]) / "data"),
+        }
+    )
     train_set, _ = build_datasets(data_cfg)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=int(pretrain["batch_size"]), shuffle=True, collate_fn=collate, drop_last=True,
+        train_set,
+        batch_size=int(pretrain["batch_size"]),
+        shuffle=True,
+        collate_fn=collate,
+        drop_last=True,
         generator=torch.Generator().manual_seed(int(pretrain["seed"])),
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(**model_kwargs).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=float(pretrain["lr"]), momentum=0.9, weight_decay=1e-4)
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001,
-                                               total_iters=int(pretrain["warmup_iters"]))
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=0.001, total_iters=int(pretrain["warmup_iters"])
+    )
     detector = DivergenceDetector(warmup_steps=steps)  # only non-finite or huge losses stop pretraining
     step, epoch = 0, 0
     while step < steps:
         epoch += 1
         options = engine.StepOptions(grad_clip_norm=10.0, limit_batches=steps - step)
-        means, step = engine.train_one_epoch(model, optimizer, loader, device, epoch, step, detector, options,
-                                             warmup=warmup)
+        means, step = engine.train_one_epoch(
+            model, optimizer, loader, device, epoch, step, detector, options, warmup=warmup
+        )
         log.info("pretraining step %d/%d  loss %.4f", step, steps, means["loss"])
     return {k: v.cpu() for k, v in model.state_dict().items()}

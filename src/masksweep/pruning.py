@@ -63,8 +63,14 @@ def _storage_for(url: str) -> Any:
 class TrialReporter:
     """Reports per-epoch values to one RUNNING Optuna trial and applies the study's pruner."""
 
-    def __init__(self, trial: optuna.trial.Trial, pruner_name: str, storage: Any = None,
-                 study_id: int | None = None, trial_id: int | None = None) -> None:
+    def __init__(
+        self,
+        trial: optuna.trial.Trial,
+        pruner_name: str,
+        storage: Any = None,
+        study_id: int | None = None,
+        trial_id: int | None = None,
+    ) -> None:
         self._trial = trial
         self.pruner_name = pruner_name
         self._storage, self._study_id, self._trial_id = storage, study_id, trial_id
@@ -117,8 +123,9 @@ class TrialReporter:
             raise ConfigError(
                 "optuna.trial_number", number, f"a RUNNING trial (trial {number} is {frozen.state.name})"
             )
-        return cls(optuna.trial.Trial(study, trial_id), str(spec.get("name", "median")), storage, study_id,
-                   trial_id)
+        return cls(
+            optuna.trial.Trial(study, trial_id), str(spec.get("name", "median")), storage, study_id, trial_id
+        )
 
     @property
     def number(self) -> int:

@@ -36,8 +36,9 @@ def load_config(client: RetryingClient, run_id: str) -> DictConfig:
         try:
             path = client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)
         except (MlflowException, OSError) as exc:
-            raise TrackingError(f"run {run_id!r} has no {CONFIG_ARTIFACT} artifact (was it logged by "
-                                "masksweep-train?)") from exc
+            raise TrackingError(
+                f"run {run_id!r} has no {CONFIG_ARTIFACT} artifact (was it logged by masksweep-train?)"
+            ) from exc
         return OmegaConf.load(path)
 
 
@@ -68,8 +69,10 @@ def git_warnings(source: Run) -> list[str]:
     if logged == "unknown" or current == "unknown":
         warnings.append(f"cannot compare code versions (logged git commit: {logged}, current: {current})")
     elif logged != current:
-        warnings.append(f"the run was logged at git commit {logged[:12]}, the code is now at {current[:12]}: "
-                        "metrics may differ")
+        warnings.append(
+            f"the run was logged at git commit {logged[:12]}, the code is now at {current[:12]}: "
+            "metrics may differ"
+        )
     if source.data.params.get("git.dirty") == "True":
         warnings.append("the run was logged from a working tree with uncommitted changes")
     return warnings
@@ -77,7 +80,7 @@ def git_warnings(source: Run) -> list[str]:
 
 @dataclass
 class Diff:
-    params: list[tuple[str, str, str]]          # (key, source, replay) for the params that differ
+    params: list[tuple[str, str, str]]  # (key, source, replay) for the params that differ
     same_params: int
     metrics: list[tuple[str, float | None, float | None]]
 
@@ -89,8 +92,9 @@ class Diff:
 def diff_runs(source: Run, replay: Run) -> Diff:
     a, b = source.data.params, replay.data.params
     differing = [(k, a.get(k, ""), b.get(k, "")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    keys = sorted(k for k in set(source.data.metrics) | set(replay.data.metrics)
-                  if k.startswith(("final/", "val/")))
+    keys = sorted(
+        k for k in set(source.data.metrics) | set(replay.data.metrics) if k.startswith(("final/", "val/"))
+    )
     metrics = [(k, source.data.metrics.get(k), replay.data.metrics.get(k)) for k in keys]
     return Diff(differing, len(set(a) | set(b)) - len(differing), metrics)
 
@@ -137,8 +141,15 @@ def _exact(value: float | None) -> str:
     return "-" if value is None else repr(value)
 
 
-def reproduce(client: RetryingClient, run_id: str, tracking_uri: str | None, overrides: Sequence[str] = (),
-              check: bool = False, out=None, err=None) -> int:
+def reproduce(
+    client: RetryingClient,
+    run_id: str,
+    tracking_uri: str | None,
+    overrides: Sequence[str] = (),
+    check: bool = False,
+    out=None,
+    err=None,
+) -> int:
     """Replay `run_id`; print the diff. Returns the exit status (1 with `check` when metrics differ)."""
     from rich.console import Console
 
@@ -151,8 +162,11 @@ def reproduce(client: RetryingClient, run_id: str, tracking_uri: str | None, ove
     for warning in git_warnings(source):
         print(f"masksweep reproduce: warning: {warning}", file=err)
     if source.data.tags.get("stop.kind") == "pruned":
-        print("masksweep reproduce: warning: the source trial was pruned by Optuna; the replay runs without "
-              "the pruner, so it trains every epoch", file=err)
+        print(
+            "masksweep reproduce: warning: the source trial was pruned by Optuna; the replay runs without "
+            "the pruner, so it trains every epoch",
+            file=err,
+        )
     print(f"reproducing run {run_id} ({source.info.run_name}) ...", file=err)
 
     stopped: MasksweepError | None = None
@@ -174,15 +188,17 @@ def reproduce(client: RetryingClient, run_id: str, tracking_uri: str | None, ove
     if diff.metrics_match:
         print(f"metrics identical to run {run_id}: replay is run {replay_id}", file=err)
         return 0
-    print(f"masksweep reproduce: warning: metrics differ from run {run_id} (replay: run {replay_id})",
-          file=err)
+    print(
+        f"masksweep reproduce: warning: metrics differ from run {run_id} (replay: run {replay_id})", file=err
+    )
     return 1 if check else 0
 
 
 def _latest_replay(client: RetryingClient, source: Run) -> str:
     query = f"tags.`{TAG_REPRODUCED_FROM}` = '{source.info.run_id}'"
-    runs = client.search_runs([source.info.experiment_id], query, max_results=1,
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [source.info.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"]
+    )
     if not runs:
         raise TrackingError(f"the replay of run {source.info.run_id} was not recorded")
     return runs[0].info.run_id

@@ -106,8 +106,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             return  # it answered (maybe 401/404 behind a proxy): reachable; MLflow reports auth errors itself
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise TrackingError(f"tracking.uri={shown!r} is unreachable ({reason}); allowed: a running "
-                                "MLflow server, null for the embedded store, or tracking=none") from exc
+            raise TrackingError(
+                f"tracking.uri={shown!r} is unreachable ({reason}); allowed: a running "
+                "MLflow server, null for the embedded store, or tracking=none"
+            ) from exc
     elif scheme in DB_PORTS:
         try:
             host, port = parts.hostname or "localhost", parts.port or DB_PORTS[scheme]
@@ -116,8 +118,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         try:
             socket.create_connection((host, port), timeout=timeout).close()
         except OSError as exc:
-            raise TrackingError(f"tracking.uri={shown!r} is unreachable ({exc}); allowed: a running database "
-                                "or MLflow server, null for the embedded store, or tracking=none") from exc
+            raise TrackingError(
+                f"tracking.uri={shown!r} is unreachable ({exc}); allowed: a running database "
+                "or MLflow server, null for the embedded store, or tracking=none"
+            ) from exc
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -125,8 +129,9 @@ def _is_locked(exc: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text or "database is busy" in text
 
 
-def call_with_retries(fn: Callable[..., _T], *args: Any, deadline: float = LOCK_RETRY_SECONDS,
-                      **kwargs: Any) -> _T:
+def call_with_retries(
+    fn: Callable[..., _T], *args: Any, deadline: float = LOCK_RETRY_SECONDS, **kwargs: Any
+) -> _T:
     """Call `fn`, retrying with jittered exponential back-off while SQLite reports a lock."""
     delay, start = 0.05, time.monotonic()
     while True:
@@ -232,8 +237,9 @@ def open_client(uri: str | None = None, create: bool = True) -> tuple[RetryingCl
     db_path = _sqlite_path(uri)
     shown = redact_uri(uri)
     if db_path is not None and not create and not db_path.is_file():
-        raise TrackingError(f"no MLflow store at {db_path} (run masksweep-train here first, or pass "
-                            "--tracking-uri)")
+        raise TrackingError(
+            f"no MLflow store at {db_path} (run masksweep-train here first, or pass --tracking-uri)"
+        )
     check_reachable(uri)
     try:
         if db_path is not None:
@@ -263,13 +269,18 @@ def experiment_id(client: RetryingClient, name: str, artifact_location: str | No
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
-            raise TrackingError(f"tracking.experiment_name={name!r} is a deleted MLflow experiment; restore "
-                                "it (mlflow experiments restore) or pick another name")
+            raise TrackingError(
+                f"tracking.experiment_name={name!r} is a deleted MLflow experiment; restore "
+                "it (mlflow experiments restore) or pick another name"
+            )
         return experiment.experiment_id
     try:
         # The kind makes MLflow 3's UI open the experiment on its runs (not on the GenAI overview).
-        return client.create_experiment(name, artifact_location=artifact_location,
-                                        tags={"mlflow.experimentKind": "custom_model_development"})
+        return client.create_experiment(
+            name,
+            artifact_location=artifact_location,
+            tags={"mlflow.experimentKind": "custom_model_development"},
+        )
     except MlflowException:  # another worker created it first
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -301,8 +312,9 @@ def config_params(cfg: DictConfig) -> dict[str, str]:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             cwd=Path(masksweep.__file__).parent)
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(masksweep.__file__).parent
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -399,8 +411,13 @@ def extra_run_tags(tags: Mapping[str, str]) -> Iterator[None]:
 
 def stop_tags(stop: TrialStopped) -> dict[str, str]:
     """The KILLED run's tags for a stopped trial (any TrialStopped subclass: kind, reason, step, value)."""
-    return {"stop.kind": str(stop.kind), "stop.reason": str(stop.reason)[:MAX_TAG_LENGTH],
-            "stop.step": str(stop.step), "stop.value": repr(stop.value)}
+    return {
+        "stop.kind": str(stop.kind),
+        "stop.reason": str(stop.reason)[:MAX_TAG_LENGTH],
+        "stop.step": str(stop.step),
+        "stop.detected_at": str(stop.detected_at),
+        "stop.value": repr(stop.value),
+    }
 
 
 class Tracker:
@@ -414,6 +431,7 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def flush(self) -> None: ...
     def finish(self, status: str, tags: Mapping[str, str] | None = None) -> None: ...
+    def fail_abandoned(self, study_name: str, trial_number: int, retried_as: int) -> None: ...
 
     @contextmanager
     def recording(self) -> Iterator[Tracker]:
@@ -481,8 +499,12 @@ class MLflowTracker(Tracker):
         if cfg.trial_name:
             tags[TAG_TRIAL_NAME] = str(cfg.trial_name)
         if cfg.optuna.trial_number is not None:
-            tags.update({"optuna.study_name": str(cfg.optuna.study_name),
-                         "optuna.trial_number": str(cfg.optuna.trial_number)})
+            tags.update(
+                {
+                    "optuna.study_name": str(cfg.optuna.study_name),
+                    "optuna.trial_number": str(cfg.optuna.trial_number),
+                }
+            )
         job_num = _hydra_job_num()
         if job_num is not None:
             tags["masksweep.job_num"] = str(job_num)
@@ -506,7 +528,7 @@ class MLflowTracker(Tracker):
 
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -520,7 +542,7 @@ class MLflowTracker(Tracker):
         while self._pending:  # log_batch takes at most 1000 metrics per call
             batch = self._pending[:1000]
             self.client.log_batch(self.run_id, metrics=batch)
-            del self._pending[:len(batch)]
+            del self._pending[: len(batch)]
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -543,6 +565,21 @@ class MLflowTracker(Tracker):
                 self.set_tags(tags or {})
             finally:
                 self.client.set_terminated(self.run_id, status)
+
+    def fail_abandoned(self, study_name: str, trial_number: int, retried_as: int) -> None:
+        """End FAILED the runs a killed worker left RUNNING for `trial_number` (found by Optuna tags)."""
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        query = (
+            f"tags.`optuna.study_name` = '{study_name}' and tags.`optuna.trial_number` = '{trial_number}' "
+            "and attributes.status = 'RUNNING'"
+        )
+        for run in self.client.search_runs([experiment], query):
+            self.client.set_tag(
+                run.info.run_id,
+                TAG_ERROR,
+                f"its worker died; trial {trial_number} was retried as trial {retried_as}",
+            )
+            self.client.set_terminated(run.info.run_id, "FAILED")
 
 
 def _random_run_name() -> str:
@@ -578,8 +615,9 @@ def checkpoint_dir_of_run(cfg: DictConfig, run_id: str) -> Path:
         raise TrackingError(f"{what} in {redact_uri(client.tracking_uri)}") from exc
     directory = run.data.tags.get(TAG_CHECKPOINT_DIR)
     if not directory:
-        raise TrackingError(f"resume={run_id!r}: the MLflow run recorded no checkpoint directory "
-                            f"(tag {TAG_CHECKPOINT_DIR})")
+        raise TrackingError(
+            f"resume={run_id!r}: the MLflow run recorded no checkpoint directory (tag {TAG_CHECKPOINT_DIR})"
+        )
     return Path(directory)
 
 
@@ -637,17 +675,23 @@ class SweepRunCallback(Callback):
         study = OmegaConf.select(config, "hydra.sweeper.study_name", default=None)
         self.run_id = self._resumable_parent(exp_id, study) if study else None
         if self.run_id is None:
-            tags = {"masksweep.sweep_dir": str(sweep), TAG_ROLE: "sweep",
-                    MLFLOW_SOURCE_NAME: "masksweep-train -m"}
+            tags = {
+                "masksweep.sweep_dir": str(sweep),
+                TAG_ROLE: "sweep",
+                MLFLOW_SOURCE_NAME: "masksweep-train -m",
+            }
             if study:
                 tags["optuna.study_name"] = str(study)
             run = self.client.create_run(exp_id, run_name=f"sweep-{study or sweep.name}", tags=tags)
             self.run_id = run.info.run_id
             overrides = OmegaConf.select(config, "hydra.overrides.task", default=None) or []
-            self.client.log_batch(self.run_id, params=[
-                Param("sweep.overrides", redact_uri(" ".join(map(str, overrides)))[:MAX_PARAM_LENGTH]),
-                Param("optimized_metric", str(OmegaConf.select(config, "optimized_metric", default=""))),
-            ])
+            self.client.log_batch(
+                self.run_id,
+                params=[
+                    Param("sweep.overrides", redact_uri(" ".join(map(str, overrides)))[:MAX_PARAM_LENGTH]),
+                    Param("optimized_metric", str(OmegaConf.select(config, "optimized_metric", default=""))),
+                ],
+            )
         else:
             self.client.update_run(self.run_id, status="RUNNING")
         sweep.mkdir(parents=True, exist_ok=True)
@@ -659,7 +703,9 @@ class SweepRunCallback(Callback):
         assert self.client is not None
         quoted = str(study).replace("\\", "\\\\").replace("'", "\\'")
         runs = self.client.search_runs(
-            [exp_id], f"tags.`optuna.study_name` = '{quoted}' and tags.`{TAG_ROLE}` = 'sweep'", max_results=1,
+            [exp_id],
+            f"tags.`optuna.study_name` = '{quoted}' and tags.`{TAG_ROLE}` = 'sweep'",
+            max_results=1,
             order_by=["attributes.start_time DESC"],
         )
         return runs[0].info.run_id if runs else None
@@ -675,7 +721,7 @@ class SweepRunCallback(Callback):
                 numbers = {k: v for k, v in flatten(summary).items() if _is_number(v)}
                 metrics = [_metric(k, float(v)) for k, v in numbers.items()]
                 for i in range(0, len(metrics), 1000):
-                    self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+                    self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
                 study = summary.get("study_name") if isinstance(summary, dict) else None
                 if study:
                     self.client.set_tag(self.run_id, "optuna.study_name", str(study))

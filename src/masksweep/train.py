@@ -23,6 +23,8 @@ from masksweep.validation import validate
 
 log = logging.getLogger(__name__)
 
+# The Optuna user attr where a sweep trial records its checkpoint directory, for a retry to resume from.
+CHECKPOINT_DIR_ATTR = "checkpoint_dir"
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -55,7 +57,9 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[mode]
 
 
-def make_loader(dataset, cfg: DictConfig, train: bool, generator: torch.Generator) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset, cfg: DictConfig, train: bool, generator: torch.Generator
+) -> torch.utils.data.DataLoader:
     from masksweep.data import collate
 
     workers = cfg.trainer.num_workers
@@ -108,6 +112,18 @@ def resume_path(resume: str, cfg: DictConfig) -> Path:
     return checkpoint_dir_of_run(cfg, resume) / LAST
 
 
+def attempt_checkpoint(previous: tuple[int, dict] | None) -> Path | None:
+    """For a sweep trial retried after its worker died: the last checkpoint of the attempt that died, so a
+    kill costs at most one epoch."""
+    from masksweep.checkpoint import LAST
+
+    directory = previous[1].get(CHECKPOINT_DIR_ATTR) if previous else None
+    if directory is None or not (Path(directory) / LAST).is_file():
+        return None
+    log.info("Retrying trial %d: resuming from its last checkpoint in %s", previous[0], directory)
+    return Path(directory) / LAST
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate one trial. Returns the final metrics; raises TrialStopped on prune or divergence."""
     validate(cfg)
@@ -121,7 +137,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from masksweep.divergence import DivergenceDetector
     from masksweep.metrics import COCOEvaluator
     from masksweep.optim import build_optimizer, build_scheduler, build_warmup
-    from masksweep.tracking import log_run_inputs, start_tracker
+    from masksweep.tracking import log_run_inputs, redacted_config, start_tracker
 
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -129,8 +145,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     train_loader = make_loader(train_set, cfg, train=True, generator=generator)
     val_loader = make_loader(val_set, cfg, train=False, generator=generator)
 
+    reporter = None
+    if cfg.optuna.trial_number is not None:
+        from masksweep.pruning import TrialReporter
+
+        reporter = TrialReporter.from_config(cfg.optuna)
+    checkpoints = checkpoint.CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep)
+    previous = reporter.previous_attempt() if reporter is not None else None
+    resume_from = (
+        resume_path(str(cfg.resume), cfg) if cfg.resume is not None else attempt_checkpoint(previous)
+    )
+
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    resume_from = resume_path(str(cfg.resume), cfg) if cfg.resume is not None else None
     saved = checkpoint.load(resume_from) if resume_from is not None else None
     if saved is not None:
         checkpoint.check_compatible(saved, model_cfg, resume_from)
@@ -144,8 +170,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     amp_dtype = resolve_amp(cfg.trainer.amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     detector = DivergenceDetector(**cfg.divergence)
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "warmup": warmup,
-                "scaler": scaler, "divergence": detector}
+    stateful = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "warmup": warmup,
+        "scaler": scaler,
+        "divergence": detector,
+    }
     progress = Progress()
     if saved is not None:
         for key, module in stateful.items():
@@ -154,7 +186,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         checkpoint.restore_rng(saved["rng"], generator)
         progress = Progress(**saved["progress"])
         log.info("Resuming from %s after epoch %d", resume_from, progress.epoch)
-    checkpoints = checkpoint.CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep)
 
     evaluator = COCOEvaluator(cfg.eval.backend, cfg.eval.score_threshold, cfg.eval.mask_threshold)
     options = engine.StepOptions(
@@ -164,27 +195,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
         limit_batches=cfg.trainer.limit_train_batches,
         progress=cfg.trainer.progress and sys.stderr.isatty(),
     )
-    reporter = None
-    if cfg.optuna.trial_number is not None:
-        from masksweep.pruning import TrialReporter
-
-        reporter = TrialReporter.from_config(cfg.optuna)
-
     tracker = start_tracker(cfg)
     with tracker.recording():
         log_run_inputs(tracker, cfg, {"data.fingerprint": dataset_fingerprint(train_set)})
-        tracker.set_tags({"masksweep.checkpoint_dir": str(checkpoints.directory.absolute()),
-                          **({"masksweep.resumed_from": str(resume_from)} if resume_from else {})})
+        if reporter is not None:
+            reporter.set_user_attr(CHECKPOINT_DIR_ATTR, str(checkpoints.directory.absolute()))
+        if previous is not None:  # the dead attempt could not end its own run
+            tracker.fail_abandoned(cfg.optuna.study_name, previous[0], reporter.number)
+        tracker.set_tags(
+            {
+                "masksweep.checkpoint_dir": str(checkpoints.directory.absolute()),
+                **({"masksweep.resumed_from": str(resume_from)} if resume_from else {}),
+            }
+        )
         for row in progress.history:  # a resumed run carries the whole curve
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             tic = time.perf_counter()
             try:
                 means, steps_end = engine.train_one_epoch(
-                    model, optimizer, train_loader, device, epoch, progress.global_step, detector, options,
-                    warmup=warmup, scaler=scaler,
+                    model,
+                    optimizer,
+                    train_loader,
+                    device,
+                    epoch,
+                    progress.global_step,
+                    detector,
+                    options,
+                    warmup=warmup,
+                    scaler=scaler,
                     on_log=lambda step, values: tracker.log_metrics(
-                        {f"train/{k}": v for k, v in values.items()}, step),
+                        {f"train/{k}": v for k, v in values.items()}, step
+                    ),
                 )
             except TrialStopped as stop:
                 if cfg.divergence.action == "fail":
@@ -195,21 +237,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if scheduler is not None:
                 scheduler.step()
             val = engine.evaluate(model, val_loader, device, evaluator, cfg.trainer.limit_val_batches)
-            row = {"epoch": epoch, **{f"train/epoch_{k}": v for k, v in means.items()},
-                   **{f"val/{k}": v for k, v in val.items()},
-                   "time/epoch_seconds": seconds, "time/images_per_second": images / seconds}
+            row = {
+                "epoch": epoch,
+                **{f"train/epoch_{k}": v for k, v in means.items()},
+                **{f"val/{k}": v for k, v in val.items()},
+                "time/epoch_seconds": seconds,
+                "time/images_per_second": images / seconds,
+            }
             improved = row[cfg.optimized_metric] > progress.best
-            progress = Progress(epoch, steps_end, max(progress.best, row[cfg.optimized_metric]),
-                                [*progress.history, row])
+            progress = Progress(
+                epoch, steps_end, max(progress.best, row[cfg.optimized_metric]), [*progress.history, row]
+            )
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             tracker.flush()
-            checkpoints.save({
-                **{k: m.state_dict() for k, m in stateful.items() if m is not None},
-                "rng": checkpoint.rng_state(generator), "progress": asdict(progress),
-                "model_config": model_cfg_without_pretrain(model_cfg), "config": OmegaConf.to_yaml(cfg, resolve=True),
-            }, improved)
-            log.info("epoch %d/%d  loss %.4f  AP bbox %.3f  AP segm %.3f  IoU %.3f  (%.1fs)", epoch, cfg.epochs,
-                     means["loss"], val["ap_bbox"], val["ap_segm"], val["iou_global"], seconds)
+            checkpoints.save(
+                {
+                    **{k: m.state_dict() for k, m in stateful.items() if m is not None},
+                    "rng": checkpoint.rng_state(generator),
+                    "progress": asdict(progress),
+                    "model_config": model_cfg_without_pretrain(model_cfg),
+                    "config": OmegaConf.to_yaml(redacted_config(cfg)),
+                },
+                improved,
+            )
+            log.info(
+                "epoch %d/%d  loss %.4f  AP bbox %.3f  AP segm %.3f  IoU %.3f  (%.1fs)",
+                epoch,
+                cfg.epochs,
+                means["loss"],
+                val["ap_bbox"],
+                val["ap_segm"],
+                val["iou_global"],
+                seconds,
+            )
             if reporter is not None:
                 reporter.report(row[cfg.optimized_metric], epoch)
 
@@ -225,8 +285,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.tracking.enabled:
             with tempfile.TemporaryDirectory() as tmp:
                 tmp_dir = Path(tmp)
-                save_overlays(model, val_set, device, tmp_dir / "overlays", cfg.tracking.num_overlays,
-                              cfg.eval.score_threshold, cfg.eval.mask_threshold)
+                save_overlays(
+                    model,
+                    val_set,
+                    device,
+                    tmp_dir / "overlays",
+                    cfg.tracking.num_overlays,
+                    cfg.eval.score_threshold,
+                    cfg.eval.mask_threshold,
+                )
                 tracker.log_artifact(tmp_dir / "overlays", "overlays")
                 tracker.log_artifact(save_curves(progress.history, tmp_dir / "curves.png"))
                 if cfg.eval.export_predictions:
@@ -246,8 +313,10 @@ def model_cfg_without_pretrain(model_cfg: dict) -> dict:
 def print_report(metrics: dict[str, float]) -> None:
     """The report's numbers for this trial, on stdout."""
     rows = [
-        ("AP bbox", "val/ap_bbox"), ("AP segm", "val/ap_segm"),
-        ("global IoU", "val/iou_global"), ("mean per-image IoU", "val/iou_image_mean"),
+        ("AP bbox", "val/ap_bbox"),
+        ("AP segm", "val/ap_segm"),
+        ("global IoU", "val/iou_global"),
+        ("mean per-image IoU", "val/iou_image_mean"),
         ("matched-instance IoU", "val/iou_instance_mean"),
         ("loss in the last epoch", "final/loss_last_epoch"),
         ("loss_classifier in the last epoch", "final/loss_classifier_last_epoch"),

@@ -39,8 +39,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def server_command(uri: str, host: str, port: int, artifact_root: str | None) -> list[str]:
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-               "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if artifact_root is not None:
         command += ["--default-artifact-root", artifact_root]
     return command
@@ -50,8 +62,10 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = START_TIMEO
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise TrackingError(f"mlflow server exited with status {proc.returncode} before serving {url} "
-                                "(its output is above)")
+            raise TrackingError(
+                f"mlflow server exited with status {proc.returncode} before serving {url} "
+                "(its output is above)"
+            )
         try:
             urllib.request.urlopen(url + "/health", timeout=2).close()
             return
@@ -101,13 +115,21 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def serve(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000,
-          experiment: str = "masksweep", out=None, err=None) -> int:
+def serve(
+    tracking_uri: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    experiment: str = "masksweep",
+    out=None,
+    err=None,
+) -> int:
     """Run the UI until Ctrl-C (or SIGTERM). Prints the URL (on stdout) once it answers."""
     out, err = out or sys.stdout, err or sys.stderr
     if tracking_uri is not None and tracking_uri.startswith(("http://", "https://")):
-        raise TrackingError(f"--tracking-uri {redact_uri(tracking_uri)} is already an MLflow server: open it "
-                            "in a browser (masksweep ui serves a database or the embedded store)")
+        raise TrackingError(
+            f"--tracking-uri {redact_uri(tracking_uri)} is already an MLflow server: open it "
+            "in a browser (masksweep ui serves a database or the embedded store)"
+        )
     if not (1 <= port <= 65535):
         raise TrackingError(f"--port {port} is invalid; allowed: 1-65535")
     try:
@@ -117,22 +139,29 @@ def serve(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 
     if not free:
         raise TrackingError(f"port {port} on {host} is in use; pick another with --port")
     if host not in LOOPBACK:
-        print(f"masksweep ui: warning: --host {host} exposes the UI (no authentication) beyond this machine",
-              file=err)
+        print(
+            f"masksweep ui: warning: --host {host} exposes the UI (no authentication) beyond this machine",
+            file=err,
+        )
     artifact_root = None
     if tracking_uri is None:
         tracking_uri, artifact_root = default_store(create=True)
         db = _sqlite_path(tracking_uri)
         if db is not None and not db.is_file():
-            print(f"masksweep ui: note: no runs yet in {Path(db).parent} (run masksweep-train first)",
-                  file=err)
+            print(
+                f"masksweep ui: note: no runs yet in {Path(db).parent} (run masksweep-train first)", file=err
+            )
     url_host = f"[{host}]" if ":" in host else host
     url = f"http://{url_host}:{port}"
     # No GenAI job runner (huey consumers): training runs do not use it, and it is 7 more processes.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # The server's own chatter goes to stderr: stdout carries only the URL line.
-    proc = subprocess.Popen(server_command(tracking_uri, host, port, artifact_root), start_new_session=True,
-                            env=env, stdout=_stderr_fd())
+    proc = subprocess.Popen(
+        server_command(tracking_uri, host, port, artifact_root),
+        start_new_session=True,
+        env=env,
+        stdout=_stderr_fd(),
+    )
 
     def on_sigterm(signum, frame):  # `kill <pid>` of masksweep ui stops the server too
         raise SystemExit(128 + signum)
@@ -141,8 +170,11 @@ def serve(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 
     try:
         wait_until_up(url, proc)
         fragment = _experiment_fragment(tracking_uri, experiment)
-        print(f"MLflow UI for {redact_uri(tracking_uri)}: {url}{fragment}"
-              "  (Ctrl-C to stop)", file=out, flush=True)
+        print(
+            f"MLflow UI for {redact_uri(tracking_uri)}: {url}{fragment}  (Ctrl-C to stop)",
+            file=out,
+            flush=True,
+        )
         return proc.wait() or 0
     except KeyboardInterrupt:
         return 0

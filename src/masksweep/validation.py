@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from masksweep.errors import ConfigError
+from masksweep.metrics import METRIC_KEYS
 
 OPTIMIZERS = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
 SCHEDULERS = {"torch.optim.lr_scheduler.StepLR", "torch.optim.lr_scheduler.CosineAnnealingLR"}
@@ -13,12 +14,7 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 DIVERGENCE_ACTIONS = ("prune", "fail")
 EVAL_BACKENDS = ("faster_coco_eval", "pycocotools")
-METRICS = tuple(
-    f"val/{k}"
-    for k in (
-        "ap_bbox ap_bbox_50 ap_bbox_75 ap_segm ap_segm_50 ap_segm_75 iou_global iou_image_mean iou_instance_mean"
-    ).split()
-)
+METRICS = tuple(f"val/{key}" for key in METRIC_KEYS)
 
 
 def _number(cfg: DictConfig, key: str) -> float:
@@ -40,8 +36,12 @@ def validate(cfg: DictConfig) -> None:
     weight_decay = _number(cfg, "weight_decay")
     _check_range("weight_decay", weight_decay, weight_decay >= 0, "a float >= 0")
     epochs = cfg.epochs
-    _check_range("epochs", epochs, isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
-                 "an integer >= 1")
+    _check_range(
+        "epochs",
+        epochs,
+        isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+        "an integer >= 1",
+    )
 
     optimizer = cfg.optimizer.get("_target_")
     if optimizer not in OPTIMIZERS:
@@ -56,8 +56,12 @@ def validate(cfg: DictConfig) -> None:
     if lr_scheduler is not None and lr_scheduler.get("_target_") not in SCHEDULERS:
         raise ConfigError("scheduler", lr_scheduler.get("_target_"), "steplr, cosine, none")
     warmup_iters = cfg.scheduler.warmup.iters
-    _check_range("scheduler.warmup.iters", warmup_iters, isinstance(warmup_iters, int) and warmup_iters >= 0,
-                 "an integer >= 0")
+    _check_range(
+        "scheduler.warmup.iters",
+        warmup_iters,
+        isinstance(warmup_iters, int) and warmup_iters >= 0,
+        "an integer >= 0",
+    )
 
     if cfg.model.arch not in ARCHS:
         raise ConfigError("model.arch", cfg.model.arch, ", ".join(ARCHS))
@@ -67,8 +71,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.amp not in AMP_MODES:
         raise ConfigError("trainer.amp", cfg.trainer.amp, ", ".join(AMP_MODES))
     batch_size = cfg.trainer.batch_size
-    _check_range("trainer.batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1,
-                 "an integer >= 1")
+    _check_range(
+        "trainer.batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1"
+    )
     if cfg.divergence.action not in DIVERGENCE_ACTIONS:
         raise ConfigError("divergence.action", cfg.divergence.action, ", ".join(DIVERGENCE_ACTIONS))
     if cfg.eval.backend not in EVAL_BACKENDS:

@@ -185,6 +185,7 @@ def classify(ret: JobReturn, metric: str | None = None) -> Outcome:
                 "diverged": True,
                 "divergence_reason": reason,
                 "divergence_step": getattr(exc, "step", None),
+                "divergence_detected_at": getattr(exc, "detected_at", None),
                 "divergence_value": _finite_or_text(getattr(exc, "value", None)),
             }
             return Outcome(TrialState.PRUNED, user_attrs=attrs, message=f"diverged: {reason}")
