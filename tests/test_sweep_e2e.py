@@ -13,8 +13,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from conftest import TINY_OVERRIDES
 from masksweep.tracking import default_store
-from tests.conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
 TRAIN = str(Path(sys.executable).with_name("masksweep-train"))

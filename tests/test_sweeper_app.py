@@ -87,6 +87,7 @@ def test_diverged_crashed_and_bad_returns_get_their_states(tmp_path: Path) -> No
         "diverged": True,
         "divergence_reason": "loss is nan",
         "divergence_step": 1,
+        "divergence_detected_at": 1,
         "divergence_value": "nan",
     }
     assert trials["crash"].state == TrialState.FAIL
