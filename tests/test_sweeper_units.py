@@ -258,6 +258,7 @@ def test_classify_job_returns() -> None:
         "diverged": True,
         "divergence_reason": "loss is inf",
         "divergence_step": 7,
+        "divergence_detected_at": 7,
         "divergence_value": "inf",
     }
     pruned = classify(
