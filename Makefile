@@ -14,8 +14,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The report's six trials as one sweep (first time: synthetic data and a one-time pretraining), then its tables.
 run: install
-	$(BIN)/masksweep-train
+	$(BIN)/masksweep-train -m sweep=seed_table
+	$(BIN)/masksweep compare
+
+# An Optuna TPE search with pruning, at a small budget.
+sweep: install
+	$(BIN)/masksweep-train -m sweep=tpe
+	$(BIN)/masksweep compare
 
 test: install
 	$(BIN)/pytest

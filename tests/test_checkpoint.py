@@ -46,11 +46,12 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 def test_retention_policies(tmp_path: Path) -> None:
     for keep, expected in (("last", {"last.pt"}), ("best", {"best.pt"}), ("both", {"last.pt", "best.pt"})):
         manager = checkpoint.CheckpointManager(tmp_path / keep, keep)
-        manager.save({"epoch": 1}, improved=True)
-        manager.save({"epoch": 2}, improved=False)
+        manager.save({"epoch": 1, "optimizer": {"state": {}}}, improved=True)
+        manager.save({"epoch": 2, "optimizer": {"state": {}}}, improved=False)
+        assert checkpoint.load(manager.last)["optimizer"] == {"state": {}}  # resumable while running
         manager.finish()
         assert {p.name for p in (tmp_path / keep).iterdir()} == expected
-    assert checkpoint.load(tmp_path / "both" / "best.pt")["epoch"] == 1
+    assert checkpoint.load(tmp_path / "both" / "best.pt") == {"epoch": 1}  # finished: weights, no optimizer
 
 
 class Interrupted(Exception):

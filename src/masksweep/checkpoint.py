@@ -18,6 +18,9 @@ import torch
 from masksweep.errors import ConfigError
 
 LAST, BEST = "last.pt", "best.pt"
+# What only an unfinished trial needs (to resume); a finished trial's checkpoints drop it, which halves
+# them for SGD and thirds them for Adam.
+RESUME_ONLY = ("optimizer", "scheduler", "warmup", "scaler", "rng", "divergence")
 POLICIES = ("last", "best", "both")
 
 
@@ -109,6 +112,10 @@ class CheckpointManager:
             os.replace(tmp, self.best)
 
     def finish(self) -> None:
-        """Prune what the policy does not keep, so a long sweep does not fill the disk."""
+        """Prune what the policy does not keep and compact the rest: a long sweep must not fill the disk."""
         if self.keep == "best":
             self.last.unlink(missing_ok=True)
+        for path in (self.last, self.best):
+            if path.is_file():
+                state = load(path)
+                save_atomic({k: v for k, v in state.items() if k not in RESUME_ONLY}, path)

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from masksweep import engine
-from masksweep.errors import MasksweepError, TrialStopped
+from masksweep.errors import ConfigError, MasksweepError, TrialStopped
 from masksweep.validation import validate
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     saved = checkpoint.load(resume_from) if resume_from is not None else None
     if saved is not None:
         checkpoint.check_compatible(saved, model_cfg, resume_from)
+        if "optimizer" not in saved:
+            raise ConfigError("resume", str(resume_from),
+                              "the last.pt of an unfinished trial (a finished trial keeps its weights only)")
         model_cfg["pretrain"] = None  # the checkpoint holds the weights; no need to pretrain or load again
     model = instantiate(model_cfg).to(device)
     if cfg.trainer.channels_last:
