@@ -67,9 +67,12 @@ BUILDERS = {
 
 def slim_mask_head(model: MaskRCNN, channels: Sequence[int], num_classes: int) -> None:
     """A lighter mask head: `channels` conv layers instead of torchvision's 4 x 256. On a CPU the mask head
-    on every positive RoI costs more than the whole ResNet-18 backbone."""
+    on every positive RoI costs more than the whole ResNet-18 backbone. BatchNorm, as in torchvision's v2
+    model: without it, a head trained from scratch at a high lr loses its ReLUs and predicts one blob."""
     in_channels = model.backbone.out_channels
-    model.roi_heads.mask_head = MaskRCNNHeads(in_channels, list(channels), dilation=1)
+    model.roi_heads.mask_head = MaskRCNNHeads(
+        in_channels, list(channels), dilation=1, norm_layer=nn.BatchNorm2d
+    )
     model.roi_heads.mask_predictor = MaskRCNNPredictor(channels[-1], channels[-1], num_classes)
 
 
