@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from masksweep.checkpoint import load
-from masksweep.errors import DataError
+from masksweep.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,13 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
     state = load(path)
     spec = {k: v for k, v in state["model_config"].items() if not k.startswith("_")}
     model = build_model(**{**spec, "weights": None, "weights_backbone": None})
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # e.g. a checkpoint from an older version of the architecture
+        detail = " ".join(str(exc).split())[:240]  # one line, naming the first mismatching keys
+        raise ConfigError(
+            "--checkpoint", str(path), f"a checkpoint of {spec['arch']} as built now ({detail})"
+        ) from exc
     config = OmegaConf.to_container(OmegaConf.create(state["config"]))
     return TrainedModel(model.to(device).eval(), int(spec["min_size"]), config)
 
