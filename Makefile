@@ -31,6 +31,15 @@ test: install
 ui: install
 	$(BIN)/masksweep ui --port $(or $(PORT),5000)
 
+# The benchmark (issue 5): every figure, results in bench/results/latest.{md,json} (~20 min on a 2-core CPU).
+# bench-smoke runs the same harness on tiny sizes (~1-2 min) into bench/results/smoke/, as the CI test does.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--threads 1" on a machine shared with other CPU-bound jobs.
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-smoke: install
+	$(BIN)/python -m bench --smoke $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check src tests
 

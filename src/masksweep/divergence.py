@@ -63,9 +63,10 @@ class DivergenceDetector:
         code = torch.where(torch.isfinite(loss), code, 1.0)
 
         first = (self._latched[0] == 0) & (code > 0)
-        candidate = torch.stack(
-            [code, torch.tensor(float(step), dtype=torch.float64, device=loss.device), loss.double()]
-        )
+        # torch.full, not torch.tensor: on a GPU torch.tensor(value, device=...) is a blocking host-to-device
+        # copy (a host sync every step); torch.full launches a fill kernel with the value as its argument.
+        step_value = torch.full((), float(step), dtype=torch.float64, device=loss.device)
+        candidate = torch.stack([code, step_value, loss.double()])
         self._latched = torch.where(first, candidate, self._latched)
         # Only healthy losses feed the running median, so one spike does not raise the bar for the next.
         self._history[self.steps_seen % self.window] = torch.where(code == 0, loss, math.nan)

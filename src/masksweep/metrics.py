@@ -11,8 +11,10 @@ processed), so every metric is a plain float that trackers and the Optuna object
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,18 @@ METRIC_KEYS = (
     "iou_instance_mean",
 )
 
-try:  # Optimal one-to-one matching; scipy comes with scikit-learn, but degrade to greedy without it.
-    from scipy.optimize import linear_sum_assignment
-except ImportError:  # pragma: no cover - scipy is present in the supported environments
-    linear_sum_assignment = None
+
+@functools.cache
+def _hungarian() -> Callable[..., Any] | None:
+    """scipy's linear_sum_assignment, or None without scipy (then the greedy rule applies).
+
+    Imported on first use, not with this module: scipy.optimize costs ~0.3 s, and every `masksweep-train`
+    (even `--help`) imports this module through masksweep.engine."""
+    try:  # Optimal one-to-one matching; scipy comes with scikit-learn, but degrade to greedy without it.
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:  # pragma: no cover - scipy is present in the supported environments
+        return None
+    return linear_sum_assignment
 
 
 def _encode(binary: torch.Tensor) -> list[dict[str, Any]]:
@@ -48,8 +58,10 @@ def _encode(binary: torch.Tensor) -> list[dict[str, Any]]:
     if binary.shape[0] == 0:
         return []
     # The COCO mask API wants a Fortran-ordered (H, W, N) uint8 array; permuting a C-ordered (N, H, W)
-    # view and asking for Fortran order makes exactly one copy with the right strides.
-    array = np.asfortranarray(binary.to(torch.uint8).permute(1, 2, 0).numpy())
+    # view and asking for Fortran order makes exactly one copy with the right strides. A bool tensor is
+    # reinterpreted as uint8 in place (same bytes) rather than converted, which would be a second copy.
+    as_bytes = binary.view(torch.uint8) if binary.dtype == torch.bool else binary.to(torch.uint8)
+    array = np.asfortranarray(as_bytes.permute(1, 2, 0).numpy())
     rles = mask_util.encode(array)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
@@ -83,8 +95,9 @@ def _match_instances(iou: np.ndarray, scores: np.ndarray) -> float:
     """
     if iou.size == 0:
         return 0.0
-    if linear_sum_assignment is not None:
-        rows, cols = linear_sum_assignment(iou, maximize=True)
+    hungarian = _hungarian()
+    if hungarian is not None:
+        rows, cols = hungarian(iou, maximize=True)
         return float(iou[rows, cols].sum())
     free = np.ones(iou.shape[1], dtype=bool)  # pragma: no cover - exercised only without scipy
     total = 0.0
@@ -259,12 +272,6 @@ class COCOEvaluator:
         return {key: float(value) for key, value in metrics.items()}
 
     def _coco_ap(self, iou_type: str) -> tuple[float, float, float]:
-        results = self.results()
-        if iou_type == "segm":
-            # As detectron2 does: with a "bbox" present loadRes takes the box area as the detection's area,
-            # which would change the small/medium/large split of mask AP. Dropping it makes it use mask area.
-            for det in results:
-                det.pop("bbox")
         quiet = contextlib.redirect_stdout(io.StringIO())  # both APIs print their summaries
         with quiet:
             if self.backend == "faster_coco_eval":
@@ -276,8 +283,18 @@ class COCOEvaluator:
                 gt = COCO(print_function=silent)
                 gt.dataset = self.ground_truth()
                 gt.createIndex()
-                evaluator = COCOeval_faster(gt, gt.loadRes(results), iou_type, print_function=silent)
+                dt = COCO(print_function=silent)
+                dt.dataset = self._results_dataset(gt.dataset, iou_type)
+                dt.createIndex()
+                evaluator = COCOeval_faster(gt, dt, iou_type, print_function=silent)
             else:
+                results = self.results()
+                if iou_type == "segm":
+                    # As detectron2 does: with a "bbox" present loadRes takes the box area as the detection's
+                    # area, which would change the small/medium/large split of mask AP. Without it loadRes
+                    # uses the mask area.
+                    for det in results:
+                        det.pop("bbox")
                 from pycocotools.coco import COCO as PyCOCO
                 from pycocotools.cocoeval import COCOeval
 
@@ -290,6 +307,51 @@ class COCOEvaluator:
             evaluator.summarize()
         # stats[0:3] = AP@[.5:.95], AP@.5, AP@.75 in both implementations; -1 means undefined.
         return tuple(max(float(v), 0.0) for v in evaluator.stats[:3])  # type: ignore[return-value]
+
+    def _results_dataset(self, gt_dataset: dict[str, Any], iou_type: str) -> dict[str, Any]:
+        """The detections as the dataset that faster-coco-eval's ``loadRes`` would build, built directly.
+
+        Same fields and values as ``gt.loadRes(self.results())`` (with ``bbox`` dropped for segm, as
+        detectron2 does, so the mask area is used), but faster: loadRes calls the mask API once per detection
+        for the area (and the box, for segm) and needs a defensive deep copy of every detection because it
+        writes into them; here the areas and boxes come from one batched call each and only the top-level
+        dicts are new (the COCO APIs add keys there; the nested RLE and box are only read).
+        """
+        dets = self._detections
+        if iou_type == "segm":
+            from faster_coco_eval.core import mask as fce_mask
+
+            rles = [det["segmentation"] for det in dets]
+            areas, boxes = fce_mask.area(rles), fce_mask.toBbox(rles)
+            annotations = [
+                {
+                    "image_id": det["image_id"],
+                    "category_id": det["category_id"],
+                    "score": det["score"],
+                    "segmentation": det["segmentation"],
+                    "area": area,
+                    "bbox": box,
+                    "id": index,
+                    "iscrowd": 0,
+                }
+                for index, (det, area, box) in enumerate(zip(dets, areas, boxes, strict=True), start=1)
+            ]
+        else:
+            annotations = [
+                {
+                    **det,
+                    "bbox": list(det["bbox"]),
+                    "area": det["bbox"][2] * det["bbox"][3],
+                    "id": index,
+                    "iscrowd": 0,
+                }
+                for index, det in enumerate(dets, start=1)
+            ]
+        return {
+            "images": list(gt_dataset["images"]),
+            "categories": [dict(c) for c in gt_dataset["categories"]],
+            "annotations": annotations,
+        }
 
 
 def _copy_annotation(ann: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,127 @@
+"""latest.json (everything) and latest.md (the readable summary), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # nan
+            return "nan"
+        magnitude = abs(value)
+        if magnitude == 0:
+            return "0"
+        if magnitude >= 1000:
+            return f"{value:,.0f}"
+        if magnitude >= 100:
+            return f"{value:.1f}"
+        if magnitude >= 1:
+            return f"{value:.3g}" if magnitude < 10 else f"{value:.2f}"
+        if magnitude >= 1e-3:
+            return f"{value:.3g}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def _cell(metric: dict[str, Any]) -> tuple[str, str, str]:
+    if "median" not in metric:
+        return _fmt(metric.get("value")), "", str(metric.get("n", 1))
+    if metric["n"] <= 1:
+        return _fmt(metric["median"]), "", str(metric["n"])
+    return _fmt(metric["median"]), f"{_fmt(metric['min'])} – {_fmt(metric['max'])}", str(metric["n"])
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, v = results["machine"], results["versions"]
+    lines = [
+        "# masksweep benchmark results",
+        "",
+        f"`{results['command']}` ({results['preset']} preset, device `{results['device']}`), "
+        f"{results['created']}, {results['duration_s'] / 60:.1f} min.",
+        "",
+        "Each figure: median, [min – max] over n repeats. Variants were measured side by side with "
+        "interleaved repeats on a shared machine; ratios are taken within a repeat.",
+        "",
+        "## Machine and versions",
+        "",
+        f"- CPU: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB memory, "
+        f"torch threads {m.get('torch_threads')}; GPU: {m.get('gpu') or 'none'}",
+        f"- load average at start {m.get('load_average_start')}, at end {results.get('load_average_end')} "
+        "(a busy machine slows everything; ratios are less affected than absolute times)",
+        f"- {m.get('platform')}",
+        "- "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("masksweep_commit", "masksweep_dirty"))
+        + f"; masksweep {v.get('masksweep_commit')}"
+        + (" (uncommitted changes)" if v.get("masksweep_dirty") else ""),
+        "",
+        "## Targets",
+        "",
+        "| figure | target | required | measured | status |",
+        "|---|---|---|---|---|",
+    ]
+    for fig in results["figures"]:
+        if fig["error"]:
+            lines.append(f"| {fig['id']}. {fig['title']} | (figure failed) | | {fig['error'][:80]} | error |")
+        for t in fig["targets"]:
+            lines.append(
+                f"| {fig['id']}. {fig['title']} | {t['name']} | {t['target']} | {_fmt(t['value'])} | "
+                f"**{t['status']}** |"
+            )
+    for fig in results["figures"]:
+        lines += ["", f"## {fig['id']}. {fig['title']} ({fig['status']}, {fig['seconds']:.0f} s)", ""]
+        lines += [f"Setup: {fig['setup']}", ""]
+        if fig["error"]:
+            lines += [f"**Error:** `{fig['error']}`", ""]
+        if fig["metrics"]:
+            lines += ["| metric | median | min – max | n | unit |", "|---|---|---|---|---|"]
+            for name, metric in fig["metrics"].items():
+                median, spread, n = _cell(metric)
+                lines.append(f"| {name} | {median} | {spread} | {n} | {metric.get('unit', '')} |")
+            lines.append("")
+        for t in fig["targets"]:
+            lines.append(f"- Target: {t['name']} {t['target']} → {_fmt(t['value'])}: **{t['status']}**")
+        for note in fig["notes"]:
+            lines.append(f"- {note}")
+        if fig["id"] == "3" and "pruner_replay_over_all_orders" in fig["details"]:
+            r = fig["details"]["pruner_replay_over_all_orders"]
+            lines += [
+                "",
+                f"Median-pruner replay over all {r['orders']} trial orders, from the 'without' sweep's full "
+                f"curves (check: the replay gives {r['replayed_steps_for_the_real_order']} steps for the "
+                f"real order, the real 'with' sweep ran {r['real_steps']}):",
+                "",
+                "| n_startup_trials | n_warmup_steps | steps with/without: median [min – max] "
+                "| orders <= 0.5 | orders with the same best trial |",
+                "|---|---|---|---|---|",
+            ]
+            for row in r["settings"]:
+                lines.append(
+                    f"| {row['n_startup_trials']} | {row['n_warmup_steps']} | {row['steps_fraction_median']} "
+                    f"[{row['steps_fraction_min']} – {row['steps_fraction_max']}] | "
+                    f"{row['share_of_orders_at_most_half']:.0%} | {row['share_of_orders_same_best']:.0%} |"
+                )
+        if fig.get("analysis"):
+            lines += ["", "Analysis: " + fig["analysis"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in (
+        ("latest.json", json.dumps(results, indent=1, default=str) + "\n"),
+        ("latest.md", markdown(results)),
+    ):
+        path = out_dir / name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths[0], paths[1]
