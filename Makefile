@@ -41,7 +41,7 @@ bench-smoke: install
 	$(BIN)/python -m bench --smoke $(BENCH_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 
 clean:
 	rm -rf outputs multirun .pytest_cache
