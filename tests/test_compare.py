@@ -319,13 +319,10 @@ def test_500_runs_compare_quickly(workdir: Path) -> None:
 
     counting = CountingClient(client)
     out = io.StringIO()
-    tic = time.perf_counter()
     rows = compare(counting, fmt="table", out=out, err=io.StringIO())
-    seconds = time.perf_counter() - tic
-    print(f"compare of 500 runs (table path, client warm): {seconds:.2f}s")
+    # Its speed is measured by the benchmark (bench/, figure 5), never asserted in a test.
     assert len(rows) == 500 and rows[0].metrics["val/ap_segm"] == 0.96
     assert "get_metric_history" not in counting.calls and counting.calls.get("search_runs", 0) <= 2
-    assert seconds < 10, seconds  # ~1.5 s on an idle 2-core machine; the budget for the whole command is 5 s
 
     chart = workdir / "big.png"
     compare(counting, fmt="csv", out=io.StringIO(), err=io.StringIO(), chart=chart)

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 # Bump when the recipe below changes, so weights made by older code are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the slim mask head gained BatchNorm
 
 
 def cache_path(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> Path:
