@@ -92,17 +92,18 @@ def markdown(results: dict[str, Any]) -> str:
             r = fig["details"]["pruner_replay_over_all_orders"]
             lines += [
                 "",
-                f"Median-pruner replay over all {r['orders']} trial orders, from the 'without' sweep's full "
-                f"curves (check: the replay gives {r['replayed_steps_for_the_real_order']} steps for the "
-                f"real order, the real 'with' sweep ran {r['real_steps']}):",
+                f"Pruner replay (Optuna's own pruners on an in-memory study) over {r['orders']} of the "
+                f"{r['of_orders']} trial orders, from the 'without' sweep's full curves (check: the replay "
+                f"gives {r['replayed_steps_for_the_real_order']} steps for the real order, the real 'with' "
+                f"sweep ran {r['real_steps']}):",
                 "",
-                "| n_startup_trials | n_warmup_steps | steps with/without: median [min – max] "
-                "| orders <= 0.5 | orders with the same best trial |",
-                "|---|---|---|---|---|",
+                "| pruner | steps with/without: median [min – max] | orders <= 0.5 "
+                "| orders with the same best trial |",
+                "|---|---|---|---|",
             ]
             for row in r["settings"]:
                 lines.append(
-                    f"| {row['n_startup_trials']} | {row['n_warmup_steps']} | {row['steps_fraction_median']} "
+                    f"| {pruner_label(row['pruner'])} | {row['steps_fraction_median']} "
                     f"[{row['steps_fraction_min']} – {row['steps_fraction_max']}] | "
                     f"{row['share_of_orders_at_most_half']:.0%} | {row['share_of_orders_same_best']:.0%} |"
                 )
@@ -110,6 +111,12 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["", "Analysis: " + fig["analysis"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def pruner_label(pruner: dict[str, Any]) -> str:
+    """`median (n_startup_trials=2, n_warmup_steps=1)` from a PrunerConfig mapping."""
+    settings = ", ".join(f"{k}={v}" for k, v in pruner.items() if k != "name")
+    return f"{pruner['name']} ({settings})" if settings else pruner["name"]
 
 
 def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

@@ -17,8 +17,9 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import common
+from bench import common, fig3_sweep
 from bench.common import FULL, SMOKE, Context, Figure, log
+from bench.report import pruner_label
 
 FIGURES = ("1", "2", "P", "5", "3", "4", "6")  # 3 and 4 come from the same two sweeps
 DEFAULT_OUT = common.REPO / "bench" / "results"
@@ -84,27 +85,23 @@ def analysis(fig: Figure) -> str | None:
         finals = sorted(
             (t["value"], t["experiment"]) for t in without.values() if t["state"] == "COMPLETE" and t["value"]
         )
-        ours = next(
-            (r for r in replay["settings"] if (r["n_startup_trials"], r["n_warmup_steps"]) == (2, 1)), None
-        )
-        boldest = min(replay["settings"], key=lambda r: r["steps_fraction_median"])
+        ours = next((r for r in replay["settings"] if r["pruner"] == fig3_sweep.PRUNER), None)
+        safe = [r for r in replay["settings"] if r["share_of_orders_same_best"] >= 0.9]
+        thriftiest = min(safe or replay["settings"], key=lambda r: r["steps_fraction_median"])
         text = (
-            f"Stopped early: {', '.join(stopped) or 'none'}. Everything else ran to the end: the seed table "
-            "is the report's hand-tuned trials, mostly close variants of one good recipe"
+            f"Stopped early: {', '.join(stopped) or 'none'}. The seed table is the report's hand-tuned "
+            "trials, mostly close variants of one good recipe"
         )
         if finals:
             top = [e for v, e in finals if v >= 0.9 * finals[-1][0]]
             text += f" ({', '.join(top)} finish within 10% of the best {finals[-1][0]:.3f})"
         text += (
-            ", and a median pruner only stops a trial that is below the median of those already COMPLETE. "
-            f"Replayed over all {replay['orders']} orders, these settings need a median "
-            f"{ours['steps_fraction_median'] if ours else '?'} of the steps and keep the best trial in "
-            f"{ours['share_of_orders_same_best']:.0%} of orders; the boldest replayed setting "
-            f"(n_startup_trials={boldest['n_startup_trials']}, n_warmup_steps={boldest['n_warmup_steps']}) "
-            f"needs {boldest['steps_fraction_median']} but keeps the best in only "
-            f"{boldest['share_of_orders_same_best']:.0%}. Half the steps is not reachable on this table "
-            "without risking the best trial; the saving that is safe comes from divergence detection and "
-            "from the clearly bad trials."
+            f". Replayed over {replay['orders']} orders, the pruner used here needs a median "
+            f"{ours['steps_fraction_median'] if ours else '?'} of the steps and keeps the best trial in "
+            f"{ours['share_of_orders_same_best'] if ours else 0:.0%} of orders; the thriftiest replayed "
+            f"pruner that keeps the best trial in most orders, {pruner_label(thriftiest['pruner'])}, needs "
+            f"{thriftiest['steps_fraction_median']} and keeps it in "
+            f"{thriftiest['share_of_orders_same_best']:.0%}."
         )
         return text
     if fig.id == "5":

@@ -45,13 +45,34 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_retention_policies(tmp_path: Path) -> None:
     for keep, expected in (("last", {"last.pt"}), ("best", {"best.pt"}), ("both", {"last.pt", "best.pt"})):
-        manager = checkpoint.CheckpointManager(tmp_path / keep, keep)
-        manager.save({"epoch": 1, "optimizer": {"state": {}}}, improved=True)
-        manager.save({"epoch": 2, "optimizer": {"state": {}}}, improved=False)
-        assert checkpoint.load(manager.last)["optimizer"] == {"state": {}}  # resumable while running
-        manager.finish()
+        with checkpoint.CheckpointManager(tmp_path / keep, keep) as manager:
+            manager.save({"epoch": 1, "optimizer": {"state": {}}}, improved=True)
+            manager.wait()
+            assert checkpoint.load(manager.last)["optimizer"] == {"state": {}}  # resumable while running
+            manager.save({"epoch": 2, "optimizer": {"state": {}}}, improved=False, final=True)
+            manager.finish()
         assert {p.name for p in (tmp_path / keep).iterdir()} == expected
-    assert checkpoint.load(tmp_path / "both" / "best.pt") == {"epoch": 1}  # finished: weights, no optimizer
+    # Finished: weights without optimizer state; best.pt is the best epoch's, last.pt the final one's.
+    assert checkpoint.load(tmp_path / "both" / "best.pt") == {"epoch": 1}
+    assert checkpoint.load(tmp_path / "both" / "last.pt") == {"epoch": 2}
+
+
+def test_a_queued_checkpoint_holds_the_values_at_save_time(tmp_path: Path) -> None:
+    weights = torch.zeros(1_000_000)
+    with checkpoint.CheckpointManager(tmp_path, "last") as manager:
+        manager.save({"model": {"w": weights}, "optimizer": {"state": {0: {"m": weights}}}}, improved=False)
+        weights += 1  # training goes on while the write is queued or running
+        manager.finish()
+    state = checkpoint.load(tmp_path / "last.pt")
+    assert not state["model"]["w"].any() and not state["optimizer"]["state"][0]["m"].any()
+
+
+def test_a_failed_checkpoint_write_fails_the_trial(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(OSError), checkpoint.CheckpointManager(blocker / "checkpoints", "both") as manager:
+        manager.save({"epoch": 1}, improved=True)
+        manager.finish()
 
 
 class Interrupted(Exception):
@@ -92,3 +113,17 @@ def test_checkpoint_of_another_model_names_the_mismatch(make_cfg, workdir: Path)
     train(make_cfg("tracking=none", f"checkpoint.dir={workdir / 'a'}"))
     with pytest.raises(ConfigError, match="model.max_size=96.*64, the value"):
         train(make_cfg("tracking=none", "data.image_size=96", f"resume={workdir / 'a' / 'last.pt'}"))
+
+
+def test_a_finished_trial_keeps_weights_that_resume_only_its_end(make_cfg, workdir: Path) -> None:
+    overrides = ("tracking=none", "checkpoint.keep=both")
+    finished = train(make_cfg(*overrides, f"checkpoint.dir={workdir / 'a'}"))
+    last = checkpoint.load(workdir / "a" / "last.pt")
+    assert "optimizer" not in last and last["progress"]["epoch"] == 1  # weights only once finished
+    # A kill after the last checkpoint but before the end: the resumed run redoes only the end.
+    again = train(make_cfg(*overrides, f"checkpoint.dir={workdir / 'b'}", f"resume={workdir / 'a' / 'last.pt'}"))
+    assert {k: v for k, v in again.items() if k != "run_id"} == {
+        k: v for k, v in finished.items() if k != "run_id"
+    }
+    with pytest.raises(ConfigError, match="resume=.*the last.pt of an unfinished trial"):
+        train(make_cfg(*overrides, "epochs=2", f"resume={workdir / 'a' / 'last.pt'}"))

@@ -61,3 +61,20 @@ def test_unsafe_or_foreign_checkpoints_are_rejected(tmp_path: Path, payload) -> 
 def test_missing_checkpoint_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="missing.pt"):
         build_model(weights=str(tmp_path / "missing.pt"), **TINY)
+
+
+def test_slim_box_head_and_roi_sampling_shrink_the_preset() -> None:
+    standard = build_model(**TINY)
+    slim = build_model(box_head_size=256, roi_sampling_ratio=1, **TINY)
+    assert slim.roi_heads.box_head.fc6.out_features == 256
+    assert slim.roi_heads.box_predictor.cls_score.in_features == 256
+    assert slim.roi_heads.box_roi_pool.sampling_ratio == slim.roi_heads.mask_roi_pool.sampling_ratio == 1
+    assert standard.roi_heads.box_roi_pool.sampling_ratio == 2
+    saved = sum(p.numel() for p in standard.parameters()) - sum(p.numel() for p in slim.parameters())
+    fc6 = 256 * 7 * 7 * (1024 - 256) + (1024 - 256)  # weight and bias
+    fc7 = (1024 * 1024 + 1024) - (256 * 256 + 256)
+    predictors = (1024 - 256) * (2 + 2 * 4)  # class scores and boxes for 2 classes
+    assert saved == fc6 + fc7 + predictors
+    slim.eval()
+    (output,) = slim([torch.rand(3, 64, 64)])
+    assert output["masks"].shape[-2:] == (64, 64)

@@ -99,6 +99,8 @@ def test_tiny_trial_is_recorded_exactly(
     # Artifacts: the resolved config (secret masked), the curves, the overlays.
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves.png", "overlays"} <= artifacts
+    overlays = sorted(a.path for a in client.list_artifacts(run.info.run_id, "overlays"))
+    assert overlays == [f"overlays/val_{i:06d}.png" for i in (1, 2)]  # the images of the last evaluation
     config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(workdir))).read_text()
     assert OmegaConf.create(config_text).lr == cfg.lr
     everything = " ".join([config_text, *run.data.params.values(), *run.data.tags.values()])
@@ -363,3 +365,32 @@ def test_sweep_that_dies_leaves_its_parent_failed(workdir: Path) -> None:
     callback._end_unfinished()  # what the exit hook does when Hydra never reached on_multirun_end
     run = store_client(workdir).get_run(parent)
     assert run.info.status == "FAILED" and "before Hydra's on_multirun_end" in run.data.tags["error"]
+
+
+def _start_parent(workdir: str, index: int, barrier, queue) -> None:
+    from masksweep.tracking import SweepRunCallback
+
+    os.chdir(workdir)
+    config = sweep_config(Path(workdir), study="shared")
+    config.hydra.sweep.dir = str(Path(workdir) / "multirun" / f"worker{index}")
+    open_client(None)  # the store exists before the race, as for a second `make run`
+    barrier.wait(timeout=120)
+    callback = SweepRunCallback()
+    callback.on_multirun_start(config)
+    queue.put(callback.run_id)
+    callback.run_id = None  # leave the parent RUNNING: the other worker may still be starting
+
+
+@pytest.mark.slow
+def test_workers_started_together_on_one_study_share_one_parent(workdir: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(3), ctx.Queue()
+    workers = [ctx.Process(target=_start_parent, args=(str(workdir), k, barrier, queue)) for k in range(3)]
+    for proc in workers:
+        proc.start()
+    parents = {queue.get(timeout=300) for _ in workers}
+    for proc in workers:
+        proc.join(timeout=60)
+    client = store_client(workdir)
+    runs = client.search_runs([client.get_experiment_by_name("masksweep").experiment_id])
+    assert len(parents) == 1 and [r.info.run_id for r in runs] == list(parents)

@@ -123,3 +123,18 @@ def test_cli_unknown_optimizer_names_the_options(workdir: Path) -> None:
     result = run_cli("optimizer=rmsprop", cwd=workdir)
     assert result.returncode != 0
     assert "optimizer/rmsprop" in result.stderr and "sgd" in result.stderr
+
+
+def test_amp_modes_resolve_to_autocast_dtypes() -> None:
+    from masksweep.engine import _cpu_computes_bf16, resolve_amp
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
+    # auto takes bf16 on a CPU only where it is computed natively, where it is faster than fp32
+    assert resolve_amp("auto", cpu) is (torch.bfloat16 if _cpu_computes_bf16() else None)
+
+
+def test_a_bf16_trial_ends_with_finite_losses(make_cfg) -> None:
+    metrics = train(make_cfg("tracking=none", "trainer.amp=bf16"))
+    assert math.isfinite(metrics["final/loss_last_epoch"]) and metrics["final/loss_last_epoch"] > 0

@@ -9,25 +9,32 @@ import numpy as np
 import torch
 from PIL import Image
 
-from masksweep.engine import predict
 from masksweep.postprocess import colorize, instance_map, overlay
 
 
+class OverlaySamples:
+    """An `engine.evaluate` hook that keeps the first `count` (image, target, output) triples it sees."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.samples: list[tuple[torch.Tensor, dict, dict]] = []
+
+    def __call__(self, images: list[torch.Tensor], targets: list[dict], outputs: list[dict]) -> None:
+        for sample in zip(images, targets, outputs, strict=True):
+            if len(self.samples) < self.count:
+                self.samples.append(sample)
+
+
 def save_overlays(
-    model: torch.nn.Module,
-    dataset: torch.utils.data.Dataset,
-    device: torch.device,
+    samples: Sequence[tuple[torch.Tensor, dict, dict]],
     out_dir: Path,
-    count: int,
     score_threshold: float,
     mask_threshold: float,
 ) -> list[Path]:
-    """For the first `count` images: image | overlay | instance-id map, side by side, one PNG each."""
+    """For each (image, target, prediction): image | overlay | instance-id map, side by side, one PNG each."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index in range(min(count, len(dataset))):
-        image, target = dataset[index]
-        (prediction,) = predict(model, [image], device)
+    for image, target, prediction in samples:
         ids = instance_map(prediction, score_threshold=score_threshold, mask_threshold=mask_threshold)
         rgb = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         panel = np.concatenate([rgb, overlay(rgb, ids), colorize(ids)], axis=1)

@@ -12,8 +12,11 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 # Bump when the recipe below changes, so weights made by older code are not reused.
-RECIPE_VERSION = 2  # 2: the slim mask head gained BatchNorm
+RECIPE_VERSION = 3  # 2: the slim mask head gained BatchNorm; 3: AdamW, cosine decay, bf16 where native
 
 
 def cache_path(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> Path:
@@ -47,11 +50,25 @@ def ensure_pretrained(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, An
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
-            state = _pretrain(model_kwargs, pretrain)
+            with _all_cores():
+                state = _pretrain(model_kwargs, pretrain)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(state, tmp)
             os.replace(tmp, path)  # atomic: a kill mid-write never leaves a truncated cache entry
     return path
+
+
+@contextmanager
+def _all_cores() -> Iterator[None]:
+    """Use every core this process may run on while pretraining, then go back. Workers of a parallel sweep
+    are started with one thread each (OMP_NUM_THREADS=1) and wait on the lock meanwhile, so the one that
+    pretrains would otherwise leave the other cores idle."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, len(os.sched_getaffinity(0))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _pretrain(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -94,17 +111,28 @@ def _pretrain(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> d
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(**model_kwargs).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=float(pretrain["lr"]), momentum=0.9, weight_decay=1e-4)
-    warmup = torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=0.001, total_iters=int(pretrain["warmup_iters"])
-    )
+    # AdamW: from scratch it reached 2x the AP segm of SGD (lr 0.01, momentum 0.9) after 240 steps here.
+    optimizer = torch.optim.AdamW(params, lr=float(pretrain["lr"]), weight_decay=1e-4)
+    warmup_iters = int(pretrain["warmup_iters"])
+
+    def lr_factor(iteration: int) -> float:  # linear warm-up, then a cosine decay to zero at the last step
+        if iteration < warmup_iters:
+            return 0.001 + 0.999 * iteration / warmup_iters
+        return 0.5 * (1 + math.cos(math.pi * (iteration - warmup_iters) / max(1, steps - warmup_iters)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedule.total_iters = steps  # the engine steps its per-iteration `warmup` scheduler this many times
     detector = DivergenceDetector(warmup_steps=steps)  # only non-finite or huge losses stop pretraining
+    amp_dtype = engine.resolve_amp("auto", device)
+    amp_dtype = amp_dtype if amp_dtype == torch.bfloat16 else None  # fp16 would need a GradScaler
     step, epoch = 0, 0
     while step < steps:
         epoch += 1
-        options = engine.StepOptions(grad_clip_norm=10.0, limit_batches=steps - step)
+        options = engine.StepOptions(
+            grad_clip_norm=10.0, amp_dtype=amp_dtype, limit_batches=steps - step, progress=sys.stderr.isatty()
+        )
         means, step = engine.train_one_epoch(
-            model, optimizer, loader, device, epoch, step, detector, options, warmup=warmup
+            model, optimizer, loader, device, epoch, step, detector, options, warmup=schedule
         )
         log.info("pretraining step %d/%d  loss %.4f", step, steps, means["loss"])
     return {k: v.cpu() for k, v in model.state_dict().items()}

@@ -666,13 +666,24 @@ class SweepRunCallback(Callback):
             raise SystemExit(1) from None
 
     def _start(self, config: DictConfig) -> None:
-        from mlflow.entities import Param
-        from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME
-
         self.client, artifact_location = open_client(config.tracking.uri)
         exp_id = experiment_id(self.client, config.tracking.experiment_name, artifact_location)
         sweep = Path(config.hydra.sweep.dir).absolute()
         study = OmegaConf.select(config, "hydra.sweeper.study_name", default=None)
+        db_path = _sqlite_path(self.client.tracking_uri)
+        # Workers started together on one study must find one parent, not each create their own: on the
+        # embedded store a file lock makes find-or-create atomic.
+        with _file_lock(db_path.parent / ".sweep-parent.lock") if db_path else contextlib.nullcontext():
+            self._find_or_create_parent(config, exp_id, sweep, study)
+        sweep.mkdir(parents=True, exist_ok=True)
+        (sweep / PARENT_RUN_FILE).write_text(self.run_id)
+        atexit.register(self._end_unfinished)
+
+    def _find_or_create_parent(self, config: DictConfig, exp_id: str, sweep: Path, study: str | None) -> None:
+        from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME
+
+        assert self.client is not None
         self.run_id = self._resumable_parent(exp_id, study) if study else None
         if self.run_id is None:
             tags = {
@@ -694,9 +705,6 @@ class SweepRunCallback(Callback):
             )
         else:
             self.client.update_run(self.run_id, status="RUNNING")
-        sweep.mkdir(parents=True, exist_ok=True)
-        (sweep / PARENT_RUN_FILE).write_text(self.run_id)
-        atexit.register(self._end_unfinished)
 
     def _resumable_parent(self, exp_id: str, study: str) -> str | None:
         # Re-running an Optuna sweep continues its study, so it continues the same parent run too.

@@ -49,14 +49,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mode]
-
-
 def make_loader(
     dataset, cfg: DictConfig, train: bool, generator: torch.Generator
 ) -> torch.utils.data.DataLoader:
@@ -132,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     from masksweep import checkpoint
-    from masksweep.artifacts import save_curves, save_overlays
+    from masksweep.artifacts import OverlaySamples, save_curves, save_overlays
     from masksweep.data import build_datasets, dataset_fingerprint
     from masksweep.divergence import DivergenceDetector
     from masksweep.metrics import COCOEvaluator
@@ -160,7 +152,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     saved = checkpoint.load(resume_from) if resume_from is not None else None
     if saved is not None:
         checkpoint.check_compatible(saved, model_cfg, resume_from)
-        if "optimizer" not in saved:
+        # A finished trial keeps weights only; that is enough to redo its end (a kill after the last epoch)
+        # but not to train on.
+        if "optimizer" not in saved and saved["progress"]["epoch"] < cfg.epochs:
             raise ConfigError("resume", str(resume_from),
                               "the last.pt of an unfinished trial (a finished trial keeps its weights only)")
         model_cfg["pretrain"] = None  # the checkpoint holds the weights; no need to pretrain or load again
@@ -170,7 +164,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
     scheduler = build_scheduler(cfg.scheduler, optimizer)
     warmup = build_warmup(cfg.scheduler, optimizer)
-    amp_dtype = resolve_amp(cfg.trainer.amp, device)
+    amp_dtype = engine.resolve_amp(cfg.trainer.amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     detector = DivergenceDetector(**cfg.divergence)
     stateful = {
@@ -184,9 +178,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     progress = Progress()
     if saved is not None:
         for key, module in stateful.items():
-            if module is not None:
+            if module is not None and key in saved:
                 module.load_state_dict(saved[key])
-        checkpoint.restore_rng(saved["rng"], generator)
+        if "rng" in saved:
+            checkpoint.restore_rng(saved["rng"], generator)
         progress = Progress(**saved["progress"])
         log.info("Resuming from %s after epoch %d", resume_from, progress.epoch)
 
@@ -199,7 +194,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         progress=cfg.trainer.progress and sys.stderr.isatty(),
     )
     tracker = start_tracker(cfg)
-    with tracker.recording():
+    # The val overlays are drawn from the last epoch's evaluation, not from a second pass of the model.
+    overlays = OverlaySamples(cfg.tracking.num_overlays if cfg.tracking.enabled else 0)
+    with tracker.recording(), checkpoints:
         log_run_inputs(tracker, cfg, {"data.fingerprint": dataset_fingerprint(train_set)})
         if reporter is not None:
             reporter.set_user_attr(CHECKPOINT_DIR_ATTR, str(checkpoints.directory.absolute()))
@@ -213,6 +210,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         for row in progress.history:  # a resumed run carries the whole curve
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        resumed_after_the_last_epoch = progress.epoch >= cfg.epochs
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             tic = time.perf_counter()
             try:
@@ -239,7 +237,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             images = (steps_end - progress.global_step) * cfg.trainer.batch_size
             if scheduler is not None:
                 scheduler.step()
-            val = engine.evaluate(model, val_loader, device, evaluator, cfg.trainer.limit_val_batches)
+            val = engine.evaluate(
+                model,
+                val_loader,
+                device,
+                evaluator,
+                cfg.trainer.limit_val_batches,
+                on_batch=overlays if epoch == cfg.epochs else None,
+            )
             row = {
                 "epoch": epoch,
                 **{f"train/epoch_{k}": v for k, v in means.items()},
@@ -262,6 +267,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     "config": OmegaConf.to_yaml(redacted_config(cfg)),
                 },
                 improved,
+                final=epoch == cfg.epochs,
             )
             log.info(
                 "epoch %d/%d  loss %.4f  AP bbox %.3f  AP segm %.3f  IoU %.3f  (%.1fs)",
@@ -284,18 +290,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             **{k: v for k, v in last.items() if k.startswith("val/")},
         }
         tracker.log_metrics({k: v for k, v in final.items() if k.startswith("final/")}, step=cfg.epochs)
+        if resumed_after_the_last_epoch and (cfg.tracking.enabled or cfg.eval.export_predictions):
+            # No evaluation ran in this process to draw the overlays from or to export.
+            limit = cfg.trainer.limit_val_batches
+            engine.evaluate(model, val_loader, device, evaluator, limit, on_batch=overlays)
         checkpoints.finish()
         if cfg.tracking.enabled:
             with tempfile.TemporaryDirectory() as tmp:
                 tmp_dir = Path(tmp)
                 save_overlays(
-                    model,
-                    val_set,
-                    device,
-                    tmp_dir / "overlays",
-                    cfg.tracking.num_overlays,
-                    cfg.eval.score_threshold,
-                    cfg.eval.mask_threshold,
+                    overlays.samples, tmp_dir / "overlays", cfg.eval.score_threshold, cfg.eval.mask_threshold
                 )
                 tracker.log_artifact(tmp_dir / "overlays", "overlays")
                 tracker.log_artifact(save_curves(progress.history, tmp_dir / "curves.png"))

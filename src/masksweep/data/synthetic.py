@@ -30,14 +30,14 @@ from masksweep.data.coco import CocoIndex, CocoPersonDataset
 from masksweep.errors import ConfigError
 
 # Bump when the drawing changes, so caches made by older code are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: bigger, pedestrian-like people (thicker limbs, closer to the body)
 SPLITS = ("train", "val")
 
 # Person height as a fraction of the image side, and people per image.
-HEIGHT_RANGE = (0.25, 0.7)
+HEIGHT_RANGE = (0.4, 0.85)
 PEOPLE_RANGE = (1, 4)
 # A person whose visible part is below this fraction of its drawn area counts as hidden and is left out.
-MIN_VISIBLE_FRACTION = 0.2
+MIN_VISIBLE_FRACTION = 0.5
 
 # Part labels on a person's canvas; each part gets its own colour. 0 is "not this layer".
 _SKIN, _TOP, _BOTTOM, _HAIR = 1, 2, 3, 4
@@ -90,11 +90,11 @@ def _person_labels(rng: np.random.Generator, size: int, hip: np.ndarray, height:
 
     # Legs first, so the torso covers their tops. A walking stance: the knees bend the way the person faces.
     facing = rng.choice([-1.0, 1.0])
-    leg_width = max(2, round(0.075 * height * build))
+    leg_width = max(2, round(0.10 * height * build))
     for side in (-1.0, 1.0):
-        thigh_angle = lean + rng.uniform(-30.0, 30.0)
-        shin_angle = thigh_angle - facing * rng.uniform(0.0, 50.0)
-        start = hip + side * 0.045 * height * build * right
+        thigh_angle = lean + rng.uniform(-20.0, 20.0)
+        shin_angle = thigh_angle - facing * rng.uniform(0.0, 35.0)
+        start = hip + side * 0.05 * height * build * right
         knee = start + 0.24 * height * _direction(thigh_angle)
         foot = knee + 0.23 * height * _direction(shin_angle)
         _limb(draw, [start, knee, foot], leg_width, _BOTTOM)
@@ -108,11 +108,11 @@ def _person_labels(rng: np.random.Generator, size: int, hip: np.ndarray, height:
     ]
     draw.polygon([tuple(p) for p in torso], fill=_TOP)
 
-    arm_width = max(2, round(0.055 * height * build))
+    arm_width = max(2, round(0.07 * height * build))
     for side in (-1.0, 1.0):
-        raised = rng.random() < 0.2
-        upper_angle = lean + side * (rng.uniform(100.0, 170.0) if raised else rng.uniform(5.0, 60.0))
-        fore_angle = upper_angle + side * rng.choice([-1.0, 1.0]) * rng.uniform(0.0, 90.0)
+        raised = rng.random() < 0.1
+        upper_angle = lean + side * (rng.uniform(100.0, 170.0) if raised else rng.uniform(5.0, 40.0))
+        fore_angle = upper_angle + side * rng.choice([-1.0, 1.0]) * rng.uniform(0.0, 60.0)
         shoulder = neck + side * (shoulder_half - arm_width / 2) * right
         elbow = shoulder + 0.16 * height * _direction(upper_angle)
         hand = elbow + 0.15 * height * _direction(fore_angle)
