@@ -192,7 +192,7 @@ PRUNER_GRID: tuple[dict[str, Any], ...] = (
     {"name": "successive_halving", "min_resource": 1, "reduction_factor": 3},
     {"name": "hyperband", "min_resource": 1, "max_resource": 10, "reduction_factor": 3},
 )
-REPLAY_ORDERS = 720  # orders sampled (with a fixed seed) when there are more than this
+REPLAY_ORDERS = 360  # orders sampled (with a fixed seed) when there are more than this
 
 
 def replay(

@@ -72,12 +72,16 @@ def test_pretraining_is_cached_and_keyed_by_its_params(make_cfg, workdir: Path) 
         "model.pretrain.warmup_iters=1",
     )
     cfg = make_cfg(*overrides)
-    train(cfg)
+    first = train(cfg)
     cached = sorted((workdir / ".cache/masksweep/pretrained").glob("*.pt"))
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
-    train(cfg)  # reuses the cache
+    second = train(cfg)  # reuses the cache
     assert cached[0].stat().st_mtime_ns == mtime
+    # The trial that pretrained went on with the random stream of one that found the cache.
+    assert {k: v for k, v in first.items() if k != "run_id"} == {
+        k: v for k, v in second.items() if k != "run_id"
+    }
     state = torch.load(cached[0], weights_only=True)
     assert "roi_heads.mask_predictor.mask_fcn_logits.weight" in state
     other = make_cfg(*overrides, "model.pretrain.steps=3")

@@ -27,7 +27,7 @@ class DivergenceDetector:
     def __init__(
         self,
         enabled: bool = True,
-        max_loss: float = 1000.0,
+        max_loss: float = 100.0,
         factor: float = 10.0,
         window: int = 50,
         warmup_steps: int = 20,

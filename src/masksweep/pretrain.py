@@ -50,7 +50,9 @@ def ensure_pretrained(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, An
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
-            with _all_cores():
+            # fork_rng: the trial that happens to pretrain must go on with the random stream it would have
+            # had with the cache already there (RPN and RoI sampling draw from the global generator).
+            with _all_cores(), torch.random.fork_rng():
                 state = _pretrain(model_kwargs, pretrain)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(state, tmp)
