@@ -121,9 +121,10 @@ def test_a_finished_trial_keeps_weights_that_resume_only_its_end(make_cfg, workd
     last = checkpoint.load(workdir / "a" / "last.pt")
     assert "optimizer" not in last and last["progress"]["epoch"] == 1  # weights only once finished
     # A kill after the last checkpoint but before the end: the resumed run redoes only the end.
-    again = train(make_cfg(*overrides, f"checkpoint.dir={workdir / 'b'}", f"resume={workdir / 'a' / 'last.pt'}"))
+    resume = f"resume={workdir / 'a' / 'last.pt'}"
+    again = train(make_cfg(*overrides, f"checkpoint.dir={workdir / 'b'}", resume))
     assert {k: v for k, v in again.items() if k != "run_id"} == {
         k: v for k, v in finished.items() if k != "run_id"
     }
     with pytest.raises(ConfigError, match="resume=.*the last.pt of an unfinished trial"):
-        train(make_cfg(*overrides, "epochs=2", f"resume={workdir / 'a' / 'last.pt'}"))
+        train(make_cfg(*overrides, "epochs=2", resume))
