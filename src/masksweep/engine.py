@@ -45,7 +45,7 @@ def _cpu_computes_bf16() -> bool:
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for trainer.amp. auto: bf16 where the hardware computes it natively (a CUDA GPU
-    with bf16, or a CPU with bf16 kernels: 1.6x a fp32 step of the tiny preset on an AVX512-BF16 EPYC),
+    with bf16, or a CPU with bf16 kernels: 1.4x a fp32 step of the tiny preset on an AVX512-BF16 EPYC),
     fp16 on older GPUs, else full precision."""
     if mode == "off":
         return None
