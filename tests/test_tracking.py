@@ -22,7 +22,6 @@ from masksweep import cli, engine
 from masksweep.errors import TrackingError, TrialDiverged
 from masksweep.tracking import (
     PRIVATE_KEYS,
-    _random_run_name,
     check_reachable,
     config_params,
     open_client,
@@ -30,6 +29,7 @@ from masksweep.tracking import (
     redacted_hydra_dir,
     start_tracker,
 )
+from masksweep.tracking.tracker import _random_run_name
 from masksweep.train import train
 
 SECRET = "hunter2-not-a-real-password"

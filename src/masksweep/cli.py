@@ -219,10 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # an MLflow error the commands did not anticipate: still one line
-        from masksweep.tracking import _first_line
+        from masksweep.tracking import first_line
 
         if type(exc).__module__.startswith("mlflow"):
-            print(f"{PROG} {args.command}: error: {_first_line(exc)}", file=sys.stderr)
+            print(f"{PROG} {args.command}: error: {first_line(exc)}", file=sys.stderr)
             return 1
         raise
 

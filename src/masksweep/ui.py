@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from masksweep.errors import TrackingError
-from masksweep.tracking import _sqlite_path, default_store, redact_uri
+from masksweep.tracking import default_store, redact_uri, sqlite_path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 START_TIMEOUT = 120.0
@@ -79,7 +79,7 @@ def _experiment_fragment(uri: str, name: str) -> str:
     so printing the URL does not wait for mlflow to import)."""
     import sqlite3
 
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None or not db.is_file():
         return ""
     try:
@@ -146,7 +146,7 @@ def serve(
     artifact_root = None
     if tracking_uri is None:
         tracking_uri, artifact_root = default_store(create=True)
-        db = _sqlite_path(tracking_uri)
+        db = sqlite_path(tracking_uri)
         if db is not None and not db.is_file():
             print(
                 f"masksweep ui: note: no runs yet in {Path(db).parent} (run masksweep-train first)", file=err

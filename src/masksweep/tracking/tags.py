@@ -1,0 +1,13 @@
+"""Names shared by the tracker, the sweep's parent run, `compare` and `reproduce`: tags and sweep files."""
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+SWEEP_RESULTS_FILE = "optimization_results.yaml"
+MAX_TAG_LENGTH = 5000
+
+# Tag names shared with `masksweep compare` / `reproduce`.
+TAG_TRIAL_NAME = "masksweep.trial_name"
+TAG_ROLE = "masksweep.role"  # "sweep" on a multirun's parent run
+TAG_REPRODUCED_FROM = "masksweep.reproduced_from"
+TAG_ERROR = "error"
+TAG_CHECKPOINT_DIR = "masksweep.checkpoint_dir"  # set by train()
+STOP_TAGS = ("stop.kind", "stop.reason", "stop.step", "stop.value")
