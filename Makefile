@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: install run sweep test lint ui bench bench-smoke clean
+.PHONY: install run sweep test lint ui bench bench-smoke bench-gpu clean
 
 # Re-installs only when pyproject.toml changes; the package itself is editable.
 $(STAMP): pyproject.toml
@@ -45,6 +45,13 @@ bench: install
 
 bench-smoke: install
 	$(BIN)/python -m bench --smoke $(BENCH_ARGS)
+
+# On a fresh GPU machine (no network there): figure 6 and a 2-trial CUDA sweep with a diverging trial, in under
+# 8 min, results in bench/results/gpu/. First, where pip is online: `bench/gpu_check.sh --fetch-wheels` (the
+# packages that machine lacks, into .cache/masksweep/gpu-wheels, which must travel with the tree).
+# GPU_ARGS=--dry-run runs the same script on the CPU at tiny sizes (the CI test).
+bench-gpu:
+	bench/gpu_check.sh $(GPU_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -51,6 +51,13 @@ class Sizes:
     sweep_pretrain_steps: int  # 0 = no pretraining
     sweep_metric: str  # optimized_metric of the sweeps
     startup_repeats: int
+    # figure 3b: a TPE search (sweeps/tpe.yaml), with vs without pruning and divergence detection
+    search_seeds: tuple[int, ...]  # sampler seeds, the same on both sides
+    search_trials: int  # trials per sweep
+    search_image_size: int
+    search_num_train: int
+    search_num_val: int
+    search_epochs: str | None  # None = the space's own epochs; else a search-space expression
     # figure 5: scaling
     compare_runs: int
     compare_repeats: int
@@ -85,6 +92,12 @@ FULL = Sizes(
     sweep_pretrain_steps=200,
     sweep_metric="val/ap_bbox",
     startup_repeats=5,
+    search_seeds=(0, 1, 2),
+    search_trials=12,
+    search_image_size=64,
+    search_num_train=8,
+    search_num_val=6,
+    search_epochs=None,
     compare_runs=500,
     compare_repeats=3,
     tpe_trials=205,
@@ -116,6 +129,12 @@ SMOKE = Sizes(
     sweep_pretrain_steps=0,
     sweep_metric="val/ap_bbox",
     startup_repeats=1,
+    search_seeds=(0,),
+    search_trials=2,
+    search_image_size=64,
+    search_num_train=4,
+    search_num_val=2,
+    search_epochs="range(1, 3)",
     compare_runs=20,
     compare_repeats=1,
     tpe_trials=14,
@@ -143,10 +162,10 @@ class Context:
         return self.sizes.name == "smoke"
 
     def compose(self, *overrides: str):
-        """The training config composed from masksweep.train.CONFIG_DIR, pretraining off by default."""
+        """The training config composed from masksweep.configs.CONFIG_DIR, pretraining off by default."""
         from hydra import compose, initialize_config_dir
 
-        from masksweep.train import CONFIG_DIR
+        from masksweep.configs import CONFIG_DIR
 
         base = [
             "++model.pretrain.enabled=false",
@@ -154,8 +173,8 @@ class Context:
             f"device={self.device}",
             "trainer.progress=false",
         ]
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose(config_name="train", overrides=[*base, *overrides])
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=[*base, *overrides, *model_size_for(overrides)])
 
     def torch_device(self):
         import torch
@@ -371,3 +390,13 @@ def script(name: str) -> str:
     """A console script of this interpreter's environment (masksweep-train, masksweep)."""
     path = Path(sys.executable).with_name(name)
     return str(path) if path.exists() else name
+
+
+def model_size_for(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The model's input size set to the synthetic images' own size, so a figure at N px computes at N px (the
+    tiny preset's min_size/max_size are fixed at 128; a 64 px image would otherwise be upscaled)."""
+    sizes = [o.split("=", 1)[1] for o in overrides if o.startswith("data.image_size=")]
+    if not sizes or any(o.startswith(("model.min_size=", "model.max_size=")) for o in overrides):
+        return []
+    return [f"model.min_size={sizes[-1]}", f"model.max_size={sizes[-1]}"]
+

@@ -44,7 +44,7 @@ def run(ctx: Context) -> Figure:
     batch_size = cfg.trainer.batch_size
 
     generator = seed_everything(cfg.seed)
-    train_set, _ = build_datasets(cfg.data)
+    train_set = build_datasets(cfg.data).train
     for index in range(len(train_set)):  # fill the decoded-image cache: every loop reads warm data
         train_set[index]
     loader = make_loader(train_set, cfg, train=True, generator=generator)

@@ -22,7 +22,7 @@ def val_items(ctx: Context, image_size: int, count: int) -> list:
     from masksweep.data import build_datasets
 
     cfg = ctx.compose(f"data.image_size={image_size}", f"data.num_val={count}", "data.num_train=1")
-    _, val_set = build_datasets(cfg.data)
+    val_set = build_datasets(cfg.data).val
     return [val_set[i] for i in range(len(val_set))]
 
 
@@ -136,7 +136,7 @@ def whole_part(ctx: Context, fig: Figure) -> None:
         f"data.image_size={s.eval_image_size}", f"data.num_val={s.eval_images}", "data.num_train=1"
     )
     generator = seed_everything(cfg.seed)
-    _, val_set = build_datasets(cfg.data)
+    val_set = build_datasets(cfg.data).val
     for index in range(len(val_set)):
         val_set[index]  # warm the decoded-image cache, as every epoch after the first sees it
     loader = make_loader(val_set, cfg, train=False, generator=generator)

@@ -30,6 +30,7 @@ from bench.common import (
     Target,
     bench_env,
     log,
+    model_size_for,
     script,
     single,
     summary,
@@ -49,14 +50,18 @@ OVERHEAD_TARGET_S = 2.0
 STOP_LAG_TARGET = 5
 
 
-def data_overrides(ctx: Context) -> list[str]:
+def data_overrides(
+    ctx: Context, image_size: int | None = None, num_train: int | None = None, num_val: int | None = None
+) -> list[str]:
+    """Data and pretraining overrides of a benchmark sweep (default: the seed-table sweep's sizes)."""
     s = ctx.sizes
     overrides = [
-        f"data.image_size={s.sweep_image_size}",
-        f"data.num_train={s.sweep_num_train}",
-        f"data.num_val={s.sweep_num_val}",
+        f"data.image_size={image_size or s.sweep_image_size}",
+        f"data.num_train={num_train or s.sweep_num_train}",
+        f"data.num_val={num_val or s.sweep_num_val}",
         f"data.cache_dir={ctx.cache_dir / 'synthetic'}",
     ]
+    overrides += model_size_for(overrides)
     if s.sweep_pretrain_steps > 0:
         overrides += [
             "++model.pretrain.enabled=true",
@@ -70,14 +75,14 @@ def data_overrides(ctx: Context) -> list[str]:
     return overrides
 
 
-def ensure_pretrained(ctx: Context) -> float:
+def ensure_pretrained(ctx: Context, overrides: list[str] | None = None) -> float:
     """Pretrain (once, cached) before the sweeps, so that neither sweep pays for it."""
     if ctx.sizes.sweep_pretrain_steps <= 0:
         return 0.0
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = ctx.compose(*data_overrides(ctx))
+    cfg = ctx.compose(*(overrides if overrides is not None else data_overrides(ctx)))
     tic = time.perf_counter()
     instantiate(OmegaConf.to_container(cfg.model, resolve=True))  # build_model pretrains on a cache miss
     return time.perf_counter() - tic
@@ -111,23 +116,27 @@ def sweep_command(ctx: Context, variant: str, sweep_dir: Path, study: str) -> li
 
 def run_sweep(ctx: Context, variant: str) -> dict[str, Any]:
     root = ctx.workdir / "fig3"
-    root.mkdir(parents=True, exist_ok=True)
     study = f"bench-{variant}-{uuid.uuid4().hex[:8]}"
-    sweep_dir = root / f"sweep-{variant}"
-    probes = root / f"probes-{variant}.jsonl"
+    command = sweep_command(ctx, variant, root / f"sweep-{variant}", study)
+    return launch(root, variant, command, study)
+
+
+def launch(root: Path, name: str, command: list[str], study: str) -> dict[str, Any]:
+    """Run one sweep command in `root` (its mlruns/ holds the study and the runs), with timing probes."""
+    root.mkdir(parents=True, exist_ok=True)
+    probes = root / f"probes-{name}.jsonl"
     env = bench_env()
     env["MASKSWEEP_BENCH_PROBES"] = str(probes)
-    command = sweep_command(ctx, variant, sweep_dir, study)
-    log(f"fig3: sweep {variant}: {' '.join(command[3:])}")
+    log(f"sweep {name}: {' '.join(command[3:])}")
     tic = time.perf_counter()
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - tic
-    (root / f"sweep-{variant}.log").write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
+    (root / f"sweep-{name}.log").write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
     if result.returncode != 0:
-        raise RuntimeError(f"sweep {variant} exited {result.returncode}: {result.stderr[-2000:]}")
+        raise RuntimeError(f"sweep {name} exited {result.returncode}: {result.stderr[-2000:]}")
     trials = read_trials(root, study)
     intervals = [json.loads(line) for line in probes.read_text().splitlines()] if probes.is_file() else []
-    return {"variant": variant, "study": study, "wall_s": wall, "trials": trials, "intervals": intervals}
+    return {"variant": name, "study": study, "wall_s": wall, "trials": trials, "intervals": intervals}
 
 
 def read_trials(root: Path, study_name: str) -> list[dict[str, Any]]:
@@ -160,6 +169,7 @@ def read_trials(root: Path, study_name: str) -> list[dict[str, Any]]:
             {
                 "number": trial.number,
                 "experiment": trial.params.get("experiment"),
+                "params": dict(trial.params),
                 "state": trial.state.name,
                 "value": trial.value,
                 "diverged": bool(trial.user_attrs.get("diverged", False)),
@@ -203,7 +213,7 @@ def replay(
     epoch as masksweep's TrialReporter does. Trials missing from `curves` (the diverged ones) are skipped."""
     import optuna
 
-    from hydra_plugins.masksweep_optuna._backend import build_pruner, pruner_spec
+    from masksweep.study.storage import build_pruner, pruner_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=build_pruner(pruner_spec(pruner)))
@@ -368,8 +378,8 @@ def run(ctx: Context) -> tuple[Figure, Figure]:
     epochs_note = "their own epochs (5; trial6 10)" if s.sweep_epochs is None else f"epochs={s.sweep_epochs}"
     steps_per_epoch = -(-s.sweep_num_train // 4)
     fig3 = Figure(
-        "3",
-        "Sweep compute saved",
+        "3a",
+        "Sweep compute saved, seed table",
         f"sweep=seed_table over {', '.join(s.sweep_experiments)} ({epochs_note}; diverge = forced-divergent "
         f"SGD lr 50, bench/conf/experiment/diverge.yaml), grid order "
         f"seed {GRID_SEED}, {s.sweep_image_size}px synthetic data, {s.sweep_num_train} train / "

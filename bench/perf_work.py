@@ -35,7 +35,7 @@ def caching(ctx: Context, fig: Figure) -> None:
     sets = {}
     for cached in (False, True):
         cfg = ctx.compose(f"data.image_size={s.train_image_size}", f"data.cache_images={str(cached).lower()}")
-        sets[cached], _ = build_datasets(cfg.data)
+        sets[cached] = build_datasets(cfg.data).train
     for index in range(len(sets[True])):
         sets[True][index]  # the first epoch fills the cache; later epochs read it
     seconds: dict[str, list[float]] = {"decode every epoch": [], "cached": []}
@@ -59,7 +59,7 @@ def workers(ctx: Context, fig: Figure) -> None:
 
     s = ctx.sizes
     cfg = ctx.compose(f"data.image_size={s.train_image_size}")
-    dataset, _ = build_datasets(cfg.data)
+    dataset = build_datasets(cfg.data).train
     epochs = 3
     seconds: dict[str, list[float]] = {"workers re-forked per epoch": [], "persistent workers": []}
     for _, variant in interleaved(tuple(seconds), s.perf_repeats):

@@ -88,7 +88,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"- Target: {t['name']} {t['target']} → {_fmt(t['value'])}: **{t['status']}**")
         for note in fig["notes"]:
             lines.append(f"- {note}")
-        if fig["id"] == "3" and "pruner_replay_over_all_orders" in fig["details"]:
+        if fig["id"] == "3b" and "pruner_replay" in fig["details"]:
+            lines += _search_replay(fig["details"])
+        if fig["id"] == "3a" and "pruner_replay_over_all_orders" in fig["details"]:
             r = fig["details"]["pruner_replay_over_all_orders"]
             lines += [
                 "",
@@ -111,6 +113,41 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["", "Analysis: " + fig["analysis"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def _search_replay(details: dict[str, Any]) -> list[str]:
+    """Figure 3b's tables: each seed's real sweeps, and every pruner setting replayed on the curves."""
+    lines = [
+        "",
+        "| seed | steps with / without | best with / without | wall with / without (s) | pruned | diverged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in details["per_seed"]:
+        lines.append(
+            f"| {p['seed']} | {p['steps_with']} / {p['steps_without']} = {_fmt(p['steps_ratio'])} | "
+            f"{_fmt(p['best_with'])} / {_fmt(p['best_without'])} = {_fmt(p['best_ratio'])} | "
+            f"{_fmt(p['wall_with_s'])} / {_fmt(p['wall_without_s'])} | {p['pruned_with']} | "
+            f"{p['diverged_with']} |"
+        )
+    replayed = details["pruner_replay"]
+    lines += [
+        "",
+        "Optuna's pruners replayed on the 'without' sweeps' curves, in the order TPE ran each seed's trials "
+        f"(chosen: {pruner_label(replayed['chosen'])}; the real 'with' sweeps used "
+        f"{pruner_label(replayed['used'])}):",
+        "",
+        "| pruner | steps with/without: median [min – max] | best value with/without: median [min – max] "
+        "| both targets |",
+        "|---|---|---|---|",
+    ]
+    for row in replayed["settings"]:
+        st, bv = row["steps_ratio"], row["best_ratio"]
+        lines.append(
+            f"| {pruner_label(row['pruner'])} | {_fmt(st['median'])} [{_fmt(st['min'])} – "
+            f"{_fmt(st['max'])}] | {_fmt(bv['median'])} [{_fmt(bv['min'])} – {_fmt(bv['max'])}] | "
+            f"{'yes' if row['meets_both'] else 'no'} |"
+        )
+    return lines
 
 
 def pruner_label(pruner: dict[str, Any]) -> str:

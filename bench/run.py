@@ -17,11 +17,11 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import common, fig3_sweep
+from bench import common, fig3_sweep, fig3b_search
 from bench.common import FULL, SMOKE, Context, Figure, log
 from bench.report import pruner_label
 
-FIGURES = ("1", "2", "P", "5", "3", "4", "6")  # 3 and 4 come from the same two sweeps
+FIGURES = ("1", "2", "P", "5", "3", "4", "3b", "6", "7")  # 3 (3a) and 4 come from the same two sweeps
 DEFAULT_OUT = common.REPO / "bench" / "results"
 DEFAULT_CACHE = common.REPO / ".cache" / "masksweep" / "bench"
 
@@ -31,7 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness, not the speed")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument(
-        "--only", default="", help="comma-separated figures: 1,2,3,4,5,6,P (3 and 4 run together)"
+        "--only",
+        default="",
+        help="comma-separated figures: 1,2,3,3b,4,5,6,7,P (3 = 3a and 4, from the same two sweeps)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="results directory (default bench/results[/smoke])"
@@ -69,7 +71,9 @@ def analysis(fig: Figure) -> str | None:
                 "agrees within the noise of a shared 2-core machine, where step times move by a few percent "
                 "between repeats."
             )
-    if fig.id == "3" and fig.targets:
+    if fig.id == "3b":
+        return fig3b_search.analysis(fig)
+    if fig.id == "3a" and fig.targets:
         replay = fig.details.get("pruner_replay_over_all_orders")
         steps = next((t for t in fig.targets if t.name.startswith("steps")), None)
         with_ = fig.details.get("trials_with", [])
@@ -114,7 +118,21 @@ def analysis(fig: Figure) -> str | None:
         compare = {
             k.split(": ", 1)[1]: v["median"] for k, v in fig.metrics.items() if k.startswith("compare ")
         }
-        target = next((t for t in fig.targets if "compare" in t.name), None)
+        target = next((t for t in fig.targets if "compare" in t.name and "floor" not in t.name), None)
+        floor = compare.get("floor: import mlflow + search_runs")
+        floor_text = ""
+        if floor:
+            imports = compare.get("floor: import mlflow", 0.0)
+            chart_x = compare.get("command, with chart", 0.0) / floor
+            bare_x = compare.get("command, no chart", 0.0) / floor
+            floor_text = (
+                " Side by side with the floor (a process that only imports mlflow and pages search_runs "
+                f"through the same runs: {floor:.2f} s, of which importing mlflow {imports:.2f} s), the "
+                f"command with the chart is {chart_x:.2f}x and without it {bare_x:.2f}x (ratios of medians; "
+                "the per-repeat ratios are in the table). What compare imports beyond mlflow is mostly "
+                "masksweep.tracking's package __init__ (hydra, omegaconf via hydra_dirs and parent), which "
+                "compare's tracking.runs/store/tags imports do not need."
+            )
         if target is not None and target.met is False and compare:
             imports = compare.get("start-up imports", 0.0)
             call = compare.get("compare() call", 0.0)
@@ -127,8 +145,10 @@ def analysis(fig: Figure) -> str | None:
                 "the imports are MLflow's (with an embedded SQLite store), the tables and the chart are "
                 "compare.py's: the chart's history queries already run concurrently with matplotlib's "
                 "import. Absolute seconds on this shared machine move by ~25% between runs; the figure is "
-                "near its floor, which is MLflow's import and query."
+                "near its floor, which is MLflow's import and query." + floor_text
             )
+        if floor_text:
+            return floor_text.strip()
     if fig.id == "4" and fig.targets and fig.targets[0].met is False:
         parts = {
             k.removeprefix("  part: "): v["median"]
@@ -174,16 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     figures: list[Figure] = []
     try:
-        for figure_id in [f for f in FIGURES if f in wanted]:
+        for figure_id in [f for f in FIGURES if f.upper() in wanted]:
             tic = time.perf_counter()
             log(f"figure {figure_id} ...")
             try:
                 produced = list(_run_figure(figure_id, ctx, args))
             except Exception as exc:  # one broken figure must not hide the others' results
                 traceback.print_exc()
-                title = {"3": "Sweep compute saved / per-trial overhead"}.get(
-                    figure_id, f"figure {figure_id}"
-                )
+                title = {
+                    "3": "Sweep compute saved / per-trial overhead",
+                    "3b": "Sweep compute saved, TPE search",
+                }.get(figure_id, f"figure {figure_id}")
                 produced = [Figure(figure_id, title, "", error=f"{type(exc).__name__}: {exc}"[:2000])]
             seconds = time.perf_counter() - tic
             for fig in produced:
@@ -199,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    order = {f: i for i, f in enumerate(("1", "2", "3", "4", "5", "6", "P"))}
+    order = {f: i for i, f in enumerate(("1", "2", "3a", "3b", "4", "5", "6", "7", "P"))}
     figures.sort(key=lambda f: order.get(f.id, 99))
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {
@@ -239,6 +260,8 @@ def _run_figure(figure_id: str, ctx: Context, args: argparse.Namespace):
         from bench import fig3_sweep
 
         yield from fig3_sweep.run(ctx)
+    elif figure_id == "3b":
+        yield fig3b_search.run(ctx)
     elif figure_id == "5":
         from bench import fig5_scaling
 
@@ -247,6 +270,10 @@ def _run_figure(figure_id: str, ctx: Context, args: argparse.Namespace):
         from bench import fig6_gpu
 
         yield fig6_gpu.run(ctx, force=args.force_gpu_figure)
+    elif figure_id == "7":
+        from bench import fig7_scale
+
+        yield fig7_scale.run(ctx)
     elif figure_id == "P":
         from bench import perf_work
 

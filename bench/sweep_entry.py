@@ -27,8 +27,8 @@ PROBES = (
     ("masksweep.artifacts", "save_curves", "curves"),
     ("masksweep.checkpoint", "CheckpointManager.save", "checkpoint"),
     ("masksweep.checkpoint", "CheckpointManager.finish", "checkpoint"),
-    ("masksweep.pruning", "TrialReporter.from_config", "optuna_reporter"),
-    ("masksweep.pruning", "TrialReporter.report", "optuna_report"),
+    ("masksweep.study.reporter", "TrialReporter.from_config", "optuna_reporter"),
+    ("masksweep.study.reporter", "TrialReporter.report", "optuna_report"),
     ("masksweep.tracking", "MLflowTracker.finish", "mlflow_finish"),
 )
 
@@ -44,7 +44,8 @@ def install(path: str) -> None:
         *parents, name = attribute.split(".")
         for parent in parents:
             owner = getattr(owner, parent)
-        raw = owner.__dict__[name]
+        # A class's __dict__ keeps classmethods wrapped; masksweep.tracking resolves its names lazily.
+        raw = owner.__dict__[name] if name in owner.__dict__ else getattr(owner, name)
         is_classmethod = isinstance(raw, classmethod)
         function = raw.__func__ if is_classmethod else raw
 

@@ -6,10 +6,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from masksweep.train import CONFIG_DIR
+from masksweep.configs import CONFIG_MODULE, CONFIG_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,11 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = [
     "trainer=smoke",
     "data.image_size=64",
+    "model.min_size=64",  # the tiny preset feeds 128 px by default; keep test images at their own size
+    "model.max_size=64",
     "data.num_train=4",
     "data.num_val=2",
     "epochs=1",
     "++model.pretrain.enabled=false",  # pretraining has its own test; trials here start from random weights
 ]
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their store: an exported MLFLOW_TRACKING_URI (honoured by masksweep) must not reroute."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 @pytest.fixture
@@ -43,7 +51,7 @@ def make_cfg(workdir: Path, synthetic_cache: Path) -> Iterator[Callable[..., Dic
 
     def _make(*overrides: str, tiny: bool = True) -> DictConfig:
         base = [*TINY_OVERRIDES, f"data.cache_dir={synthetic_cache}"] if tiny else []
-        return compose(config_name="train", overrides=[*base, *overrides])
+        return compose(config_name=CONFIG_NAME, overrides=[*base, *overrides])
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         yield _make

@@ -20,6 +20,14 @@ def data_cfg(name: str, /, **overrides: Any) -> DictConfig:
     return OmegaConf.merge(OmegaConf.load(CONF_DATA / f"{name}.yaml"), overrides)
 
 
+def train_val(cfg: DictConfig) -> tuple[Any, Any]:
+    """(train, val) of `build_datasets(cfg)`."""
+    from masksweep.data import build_datasets
+
+    splits = build_datasets(cfg)
+    return splits.train, splits.val
+
+
 def rect_mask(size: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
     """(H, W) uint8 with ones in rows[0]:rows[1], cols[0]:cols[1]."""
     mask = np.zeros(size, dtype=np.uint8)
@@ -87,10 +95,10 @@ def corrupt_png(path: Path) -> Path:
 class CocoFile:
     """Builds a COCO annotation file. Category ids are deliberately non-contiguous and person is not id 1."""
 
-    def __init__(self) -> None:
+    def __init__(self, categories: list[dict[str, Any]] | None = None) -> None:
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
-        self.categories = [{"id": 1, "name": "dog"}, {"id": 23, "name": "person"}]
+        self.categories = categories or [{"id": 1, "name": "dog"}, {"id": 23, "name": "person"}]
 
     def image(self, image_id: int, file_name: str, width: int, height: int) -> CocoFile:
         self.images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})

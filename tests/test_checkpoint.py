@@ -112,7 +112,7 @@ def test_resume_after_a_kill_gives_identical_metrics(make_cfg, workdir: Path, mo
 def test_checkpoint_of_another_model_names_the_mismatch(make_cfg, workdir: Path) -> None:
     train(make_cfg("tracking=none", f"checkpoint.dir={workdir / 'a'}"))
     with pytest.raises(ConfigError, match="model.max_size=96.*64, the value"):
-        train(make_cfg("tracking=none", "data.image_size=96", f"resume={workdir / 'a' / 'last.pt'}"))
+        train(make_cfg("tracking=none", "model.max_size=96", f"resume={workdir / 'a' / 'last.pt'}"))
 
 
 def test_a_finished_trial_keeps_weights_that_resume_only_its_end(make_cfg, workdir: Path) -> None:

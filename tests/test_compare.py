@@ -6,11 +6,13 @@ import csv
 import io
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from mlflow.entities import Metric
 
 from masksweep import cli
-from masksweep.compare import MAX_CURVES, compare, format_number
+from masksweep.compare import compare, format_number
 from masksweep.tracking import MLflowTracker, experiment_id, open_client
 
 SGD, ADAM = "torch.optim.SGD", "torch.optim.Adam"
@@ -123,6 +125,7 @@ def log_trial(client, exp: str, name: str, spec: dict, parent: str | None = None
         }
     )
     for epoch, loss in enumerate(spec["losses"], 1):
+        tracker.log_metrics({"train/loss": loss}, step=10 * epoch)
         tracker.log_metrics({"train/epoch_loss": loss, "val/ap_segm": 0.0}, step=epoch)
     tracker.log_metrics(spec["metrics"], step=len(spec["losses"]) + 1)
     end_tags = {k: v for k, v in spec["tags"].items() if k.startswith(("stop.", "error"))}
@@ -242,6 +245,8 @@ def test_selection_latest_sweep_then_all_runs(store: dict, capsys) -> None:
     assert sorted(parse_csv(out)) == sorted([*ORDER, "baseline", "new"])
     code, out, _ = run_cli(capsys, "compare", "--format", "csv", "--no-chart", "--sweep", store["parent"])
     assert list(parse_csv(out)) == ORDER
+    code, out, _ = run_cli(capsys, "compare", "--format", "csv", "--no-chart", "--sweep", store["parent"][:8])
+    assert list(parse_csv(out)) == ORDER  # a run id prefix, as the tables print it
 
 
 @pytest.mark.parametrize(
@@ -326,4 +331,63 @@ def test_500_runs_compare_quickly(workdir: Path) -> None:
 
     chart = workdir / "big.png"
     compare(counting, fmt="csv", out=io.StringIO(), err=io.StringIO(), chart=chart)
-    assert counting.calls["get_metric_history"] == MAX_CURVES and chart.is_file()
+    # Every trial's loss curve is drawn, from one bulk query per 200 runs (not one call per run).
+    assert "get_metric_history" not in counting.calls and chart.is_file()
+
+
+def test_a_study_is_shown_whole_across_parent_runs(workdir: Path, capsys) -> None:
+    """A rerun's second parent, a dead worker's retried attempt, the report's names and the test split."""
+    client, artifacts = open_client(None)
+    exp = experiment_id(client, "masksweep", artifacts)
+    other = client.create_run(exp, run_name="sweep-other", tags={"masksweep.role": "sweep"}).info.run_id
+    log_trial(client, exp, "x", {**TRIALS["trial1"], "tags": {"optuna.trial_number": "0"}}, other)
+    study = {"optuna.study_name": "lr-study"}
+    sweep_tags = {"masksweep.role": "sweep", **study}
+    first = client.create_run(exp, run_name="sweep-lr-study", tags=sweep_tags).info.run_id
+    named = {**study, "masksweep.trial_name": "trial4", "optuna.trial_number": "3"}
+    best = log_trial(client, exp, "trial4", {**TRIALS["trial2"], "tags": named}, first)
+    client.log_batch(best, metrics=[Metric("test/ap_segm", 0.5812, 0, 0)])
+    dead = {**study, "optuna.trial_number": "4", "masksweep.retried_as": "5", "error": "its worker died"}
+    log_trial(client, exp, "dead", {**TRIALS["#4"], "tags": dead}, first)
+    second = client.create_run(exp, run_name="sweep-lr-study", tags=sweep_tags).info.run_id
+    log_trial(
+        client, exp, "retry", {**TRIALS["trial1"], "tags": {**study, "optuna.trial_number": "5"}}, second
+    )
+
+    for args in ((), ("--sweep", second[:8]), ("--sweep", first)):
+        code, out, err = run_cli(capsys, "compare", "--format", "csv", "--no-chart", *args)
+        assert code == 0, err
+        rows = parse_csv(out)
+        assert list(rows) == ["trial4 (#3)", "#5", "#4"], args  # the best trial came from the first parent
+        assert rows["trial4 (#3)"]["AP segm (test)"] == "0.5812" and rows["#5"]["AP segm (test)"] == ""
+        assert "3 runs: 2 finished, 1 failed (1 retried)" in err and "study lr-study (2 parent runs)" in err
+    code, out, _ = run_cli(capsys, "compare", "--format", "markdown", "--no-chart")
+    rows = parse_markdown(out)
+    assert (
+        rows["#4"]["Status"] == "FAILED (retried as #5)" and rows["trial4 (#3)"]["AP segm (test)"] == "0.5812"
+    )
+    assert list(rows["#5"]).index("AP segm (test)") == list(rows["#5"]).index("AP segm") + 1  # beside val
+
+
+def test_the_chart_draws_every_trials_steps_and_marks_the_stops(store: dict, workdir: Path) -> None:
+    from masksweep.compare import build_rows, loss_curves, select_runs
+    from masksweep.tracking.store import metric_histories
+
+    client = store["client"]
+    _, runs = select_runs(client)
+    rows = build_rows(runs)
+    ids = [r.run_id for r in rows]
+    histories = metric_histories(client, ids, "train/loss")  # a SQL store: one bulk query
+    server_like = SimpleNamespace(get_metric_history=client.get_metric_history)  # no store: one call a run
+    for fetched in (histories, metric_histories(server_like, ids, "train/loss")):
+        for run_id in ids:
+            expected = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+            assert [(m.step, m.value) for m in fetched[run_id]] == [(m.step, m.value) for m in expected]
+    curves = loss_curves(rows, histories)
+    # The diverged trial's only point is the loss that stopped it; the failed one logged none.
+    assert list(curves.points) == ["trial2", "trial1", "#3"] and curves.named == ["trial2", "trial1", "#3"]
+    assert curves.points["#3"] == [(10, 2.1e21)] and curves.marks == [(10, 2.1e21)]
+    assert curves.points["trial1"] == [(10, 1.9), (20, 0.8), (30, 0.4321987)]
+    chart = workdir / "chart.png"
+    compare(client, fmt="csv", out=io.StringIO(), err=io.StringIO(), chart=chart)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from masksweep.configs import CONFIG_DIR
 from masksweep.errors import ConfigError
 from masksweep.optim import build_optimizer, build_scheduler, build_warmup
-from masksweep.train import CONFIG_DIR
 from masksweep.validation import validate
 
 GROUPS = ("model", "data", "optimizer", "scheduler", "trainer", "tracking", "divergence", "experiment")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from torchvision import tv_tensors
 
 from data_factories import data_cfg
 from masksweep.data import build_datasets, collate, dataset_fingerprint
+from masksweep.data.base import seeded_split
 from masksweep.errors import ConfigError
 
 
@@ -21,9 +23,9 @@ def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_synthetic_items_follow_the_contract(synthetic) -> None:
-    train, val = build_datasets(synthetic)
-    assert (len(train), len(val)) == (6, 3)
-    assert train.name == val.name == "synthetic"
+    splits = build_datasets(synthetic)
+    train, val = splits.train, splits.val
+    assert (len(train), len(val)) == (6, 3) and splits.test is None
     assert all(p.is_relative_to(Path.cwd() / ".cache/masksweep/synthetic") for p in train.image_paths)
     for dataset in (train, val):
         image, target = dataset[0]
@@ -42,16 +44,16 @@ def test_synthetic_items_follow_the_contract(synthetic) -> None:
 
 
 def test_collate_batches_as_lists_through_a_dataloader(synthetic) -> None:
-    train, _ = build_datasets(synthetic)
+    train = build_datasets(synthetic).train
     images, targets = next(iter(DataLoader(train, batch_size=4, collate_fn=collate)))
     assert isinstance(images, list) and len(images) == 4
     assert isinstance(targets, list) and [t["image_id"] for t in targets] == [1, 2, 3, 4]
 
 
 def test_cached_and_uncached_datasets_give_the_same_samples(synthetic) -> None:
-    _, cached = build_datasets(synthetic)
+    cached = build_datasets(synthetic).val
     synthetic.cache_images = False
-    _, uncached = build_datasets(synthetic)
+    uncached = build_datasets(synthetic).val
     for index in range(len(cached)):
         for first, second in (cached[index], cached[index]), (cached[index], uncached[index]):
             assert torch.equal(first[0], second[0])
@@ -59,27 +61,35 @@ def test_cached_and_uncached_datasets_give_the_same_samples(synthetic) -> None:
 
 
 def test_fingerprint_is_stable_and_tells_splits_and_data_apart(synthetic) -> None:
-    train, val = build_datasets(synthetic)
-    again, _ = build_datasets(synthetic)
+    splits = build_datasets(synthetic)
+    train, val = splits.train, splits.val
+    again = build_datasets(synthetic).train
     fingerprint = dataset_fingerprint(train)
     assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
     assert dataset_fingerprint(again) == fingerprint
     assert dataset_fingerprint(val) != fingerprint
     synthetic.seed = 1
-    assert dataset_fingerprint(build_datasets(synthetic)[0]) != fingerprint
+    assert dataset_fingerprint(build_datasets(synthetic).train) != fingerprint
 
 
 def test_verify_fills_the_image_cache(synthetic) -> None:
     synthetic.verify = True
-    train, _ = build_datasets(synthetic)
+    train = build_datasets(synthetic).train
     train.image_paths[2].write_bytes(b"no longer a png")
     assert train[2][0].shape == (3, 48, 48)  # decoded once, during verify; never read again
 
 
-def test_unknown_dataset_name_is_a_config_error(synthetic) -> None:
-    synthetic.name = "imagenet"
+def test_unknown_target_is_a_config_error(synthetic) -> None:
+    synthetic._target_ = "masksweep.data.imagenet"
+    with pytest.raises(ConfigError, match=r"data\._target_='masksweep\.data\.imagenet' is invalid") as error:
+        build_datasets(synthetic)
+    assert "\n" not in str(error.value)
+
+
+def test_a_key_the_target_does_not_take_is_a_config_error(synthetic) -> None:
+    synthetic.colour = "blue"
     with pytest.raises(
-        ConfigError, match=r"data\.name='imagenet' is invalid; allowed: synthetic, coco, pennfudan"
+        ConfigError, match=r"colour.*masksweep\.data\.synthetic\.synthetic\(split=\.\.\.\) accepts"
     ):
         build_datasets(synthetic)
 
@@ -94,15 +104,17 @@ def test_synthetic_counts_must_be_positive(synthetic, key: str) -> None:
 def test_shipped_configs_have_the_common_keys() -> None:
     for name in ("synthetic", "coco", "pennfudan"):
         cfg = data_cfg(name)
-        assert cfg.name == name
-        assert {"image_size", "hflip", "keep_empty", "verify", "cache_images"} <= set(cfg)
+        assert cfg.name == name and cfg._target_ == f"masksweep.data.{name}.{name}"
+        assert {"hflip", "keep_empty", "verify", "cache_images", "test"} <= set(cfg)
+        assert cfg.test is None  # a test split is opt-in
 
 
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
-        ("image_size", 0, "an integer >= 1"),
+        ("image_size", 0, "an integer >= 1 \\(the generated images' side\\)"),
         ("image_size", 64.5, "an integer >= 1"),
+        ("test", 0, "an integer >= 1 \\(the number of test images\\)"),
         ("hflip", 1.5, "a probability"),
     ],
 )
@@ -110,3 +122,30 @@ def test_common_keys_are_checked(synthetic, key: str, value: object, allowed: st
     synthetic[key] = value
     with pytest.raises(ConfigError, match=rf"data\.{key}={value}.*{allowed}"):
         build_datasets(synthetic)
+
+
+def test_synthetic_test_split_is_its_own_stream(synthetic) -> None:
+    synthetic.test = 2
+    splits = build_datasets(synthetic)
+    assert splits.test is not None and len(splits.test) == 2
+    pixels = {split: [d[i][0] for i in range(len(d))] for split, d in vars(splits).items()}
+    for image in pixels["test"]:
+        assert not any(torch.equal(image, other) for other in pixels["train"] + pixels["val"])
+    synthetic.test = None
+    assert build_datasets(synthetic).val.image_paths == splits.val.image_paths  # val is unchanged by it
+
+
+def test_loaded_and_dropped_images_are_logged_per_split(synthetic, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="masksweep.data"):
+        build_datasets(synthetic)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "data=synthetic: train split: 6 images loaded, none dropped" in lines
+    assert "data=synthetic: val split: 3 images loaded, none dropped" in lines
+
+
+@pytest.mark.parametrize("test_fraction", [0.0, 0.25])
+def test_seeded_split_is_disjoint_and_test_leaves_val_alone(test_fraction: float) -> None:
+    items = list(range(20))
+    train, val, test = seeded_split(items, 0.2, 7, test_fraction)
+    assert sorted(train + val + test) == items and len(test) == round(20 * test_fraction)
+    assert val == seeded_split(items, 0.2, 7)[1]

@@ -19,13 +19,14 @@ from data_factories import (
     rect_polygon,
     save_image,
     solid_rgb,
+    train_val,
     uncompressed_rle,
     xywh,
 )
 from masksweep.data import build_datasets
 from masksweep.errors import DataError
 
-SIZE = 16  # image side; data.image_size equals it, so the resize is the identity and masks compare exactly
+SIZE = 16  # image side; items keep it (the model resizes), so masks compare exactly
 
 POLYGON = ((1, 4), (1, 5))
 UNCOMPRESSED = ((6, 9), (2, 8))
@@ -68,7 +69,7 @@ def _by_id(dataset) -> dict[int, tuple]:
 
 
 def test_every_segmentation_format_decodes_to_its_mask(coco: tuple[Path, Path]) -> None:
-    _, val = build_datasets(coco_cfg(*coco, image_size=SIZE))
+    _, val = train_val(coco_cfg(*coco))
     _, target = _by_id(val)[5]
     expected = [_mask(POLYGON), _mask(UNCOMPRESSED), _mask(COMPRESSED), _mask(CROWD)]
     assert torch.equal(target["masks"], torch.from_numpy(np.stack(expected)))
@@ -79,13 +80,13 @@ def test_every_segmentation_format_decodes_to_its_mask(coco: tuple[Path, Path]) 
 
 
 def test_crowd_regions_are_left_out_of_training_and_kept_for_evaluation(coco: tuple[Path, Path]) -> None:
-    train, val = build_datasets(coco_cfg(*coco, image_size=SIZE))
+    train, val = train_val(coco_cfg(*coco))
     assert _by_id(train)[5][1]["iscrowd"].tolist() == [0, 0, 0]
     assert _by_id(val)[5][1]["iscrowd"].tolist() == [0, 0, 0, 1]
 
 
 def test_person_is_found_by_name_and_image_ids_are_kept(coco: tuple[Path, Path]) -> None:
-    train, _ = build_datasets(coco_cfg(*coco, image_size=SIZE))
+    train, _ = train_val(coco_cfg(*coco))
     samples = _by_id(train)
     assert sorted(samples) == [5, 42]  # image 1001 has only a dog
     for image, target in samples.values():
@@ -96,7 +97,7 @@ def test_person_is_found_by_name_and_image_ids_are_kept(coco: tuple[Path, Path])
 
 
 def test_keep_empty_keeps_images_without_persons(coco: tuple[Path, Path]) -> None:
-    train, val = build_datasets(coco_cfg(*coco, image_size=SIZE, keep_empty=True))
+    train, val = train_val(coco_cfg(*coco, keep_empty=True))
     _, target = _by_id(train)[1001]
     assert target["boxes"].shape == (0, 4)
     assert target["masks"].shape == (0, SIZE, SIZE)
@@ -119,13 +120,13 @@ def test_grayscale_rgba_palette_and_exif_images_become_upright_rgb(tmp_path: Pat
     # EXIF says rotate: the annotation describes the upright 8 x 16 image.
     upright = rect_mask((16, 8), (0, 8), (0, 8))  # the red half
     coco.image(4, "exif.png", 8, 16).annotation(4, compressed_rle(upright), xywh(upright))
-    cfg = coco_cfg(coco.write(tmp_path / "ann.json"), root, image_size=SIZE)
+    cfg = coco_cfg(coco.write(tmp_path / "ann.json"), root)
 
-    samples = _by_id(build_datasets(cfg)[1])
+    samples = _by_id(train_val(cfg)[1])
     colours = {image_id: (samples[image_id][0][:, 0, 0] * 255).round().tolist() for image_id in (1, 2, 3)}
     assert colours == {1: [77, 77, 77], 2: [10, 20, 30], 3: [40, 50, 60]}
     image, target = samples[4]
-    assert image.shape == (3, SIZE, SIZE)
+    assert image.shape == (3, 16, 8)  # upright, at its own size
     assert (image[0, :7] > 0.9).all() and (image[2, :7] < 0.1).all()  # red on top, as a viewer shows it
     assert (image[2, 9:] > 0.9).all() and (image[0, 9:] < 0.1).all()
     assert target["masks"][0, :8].all() and not target["masks"][0, 8:].any()
@@ -171,12 +172,23 @@ def test_missing_data_path_fails_at_build(tmp_path: Path, key: str) -> None:
 
 def test_corrupt_image_fails_when_first_read_naming_the_file(tmp_path: Path) -> None:
     root = tmp_path / "images"
+    save_image(root / "a.png", solid_rgb(SIZE, SIZE))
+    corrupt_png(root / "broken.png")
+    coco = CocoFile()
+    for image_id, name in ((1, "a.png"), (2, "broken.png")):
+        coco.image(image_id, name, SIZE, SIZE).annotation(image_id, rect_polygon(*POLYGON), [1, 1, 4, 3])
+    train, _ = train_val(coco_cfg(coco.write(tmp_path / "ann.json"), root))  # checks only the first item
+    with pytest.raises(DataError, match=r"broken\.png.*cannot be decoded") as error:
+        train[1]
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_first_image_fails_at_build(tmp_path: Path) -> None:
+    root = tmp_path / "images"
     corrupt_png(root / "broken.png")
     coco = CocoFile().image(1, "broken.png", SIZE, SIZE).annotation(1, rect_polygon(*POLYGON), [1, 1, 4, 3])
-    train, _ = build_datasets(coco_cfg(coco.write(tmp_path / "ann.json"), root))
-    with pytest.raises(DataError, match=r"broken\.png.*cannot be decoded") as error:
-        train[0]
-    assert "\n" not in str(error.value)
+    with pytest.raises(DataError, match=r"broken\.png.*cannot be decoded"):
+        build_datasets(coco_cfg(coco.write(tmp_path / "ann.json"), root))
 
 
 def test_verify_decodes_every_image_at_build(tmp_path: Path) -> None:
@@ -190,42 +202,9 @@ def test_verify_decodes_every_image_at_build(tmp_path: Path) -> None:
         build_datasets(coco_cfg(coco.write(tmp_path / "ann.json"), root, verify=True))
 
 
-def test_image_whose_size_differs_from_its_annotation_fails_at_read(tmp_path: Path) -> None:
+def test_image_whose_size_differs_from_its_annotation_fails(tmp_path: Path) -> None:
     root = tmp_path / "images"
     save_image(root / "a.png", solid_rgb(12, SIZE))
     coco = CocoFile().image(1, "a.png", SIZE, SIZE).annotation(1, rect_polygon(*POLYGON), [1, 1, 4, 3])
-    train, _ = build_datasets(coco_cfg(coco.write(tmp_path / "ann.json"), root))
     with pytest.raises(DataError, match=r"a\.png: image is 12x16 but .* annotates it as 16x16"):
-        train[0]
-
-
-def test_rle_whose_size_differs_from_its_image_fails_at_read(tmp_path: Path) -> None:
-    root = tmp_path / "images"
-    save_image(root / "a.png", solid_rgb(SIZE, SIZE))
-    small = rect_mask((8, 8), (1, 4), (1, 4))
-    coco = CocoFile().image(1, "a.png", SIZE, SIZE).annotation(1, compressed_rle(small), xywh(small))
-    train, _ = build_datasets(coco_cfg(coco.write(tmp_path / "ann.json"), root))
-    with pytest.raises(DataError, match=r"annotation id 100 for .*a\.png.*mask size \(8, 8\)"):
-        train[0]
-
-
-def test_single_annotation_file_is_split_by_seed(tmp_path: Path) -> None:
-    root = tmp_path / "images"
-    coco = CocoFile()
-    for image_id in range(3, 63, 3):  # 20 images with non-contiguous ids
-        save_image(root / f"{image_id}.png", solid_rgb(8, 8))
-        coco.image(image_id, f"{image_id}.png", 8, 8).annotation(
-            image_id, rect_polygon((1, 5), (1, 5)), [1, 1, 4, 4]
-        )
-    ann_file = coco.write(tmp_path / "ann.json")
-
-    def split(seed: int) -> tuple[list[int], list[int]]:
-        cfg = coco_cfg(ann_file, root, val=None, val_fraction=0.25, split_seed=seed)
-        train, val = build_datasets(cfg)
-        return sorted(train.image_ids), sorted(val.image_ids)
-
-    train_ids, val_ids = split(0)
-    assert len(val_ids) == 5 and not set(train_ids) & set(val_ids)
-    assert sorted(train_ids + val_ids) == list(range(3, 63, 3))
-    assert split(0) == (train_ids, val_ids)
-    assert split(1) != (train_ids, val_ids)
+        build_datasets(coco_cfg(coco.write(tmp_path / "ann.json"), root))

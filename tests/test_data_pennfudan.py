@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_factories import data_cfg, pennfudan_layout, save_image, solid_rgb
+from data_factories import data_cfg, pennfudan_layout, save_image, solid_rgb, train_val
 from masksweep.data import build_datasets
 from masksweep.errors import DataError
 
@@ -30,7 +30,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def test_each_pixel_value_is_one_instance(root: Path) -> None:
-    _, val = build_datasets(data_cfg("pennfudan", root=str(root), image_size=SIZE, hflip=0.0))
+    _, val = train_val(data_cfg("pennfudan", root=str(root), hflip=0.0))
     image, target = val[0]
     assert image.shape == (3, SIZE, SIZE)
     expected = _two_people()
@@ -46,7 +46,7 @@ def test_each_pixel_value_is_one_instance(root: Path) -> None:
 def test_split_is_seeded_and_disjoint(root: Path) -> None:
     def split(seed: int) -> tuple[list[str], list[str]]:
         cfg = data_cfg("pennfudan", root=str(root), val_fraction=0.3, split_seed=seed, keep_empty=True)
-        train, val = build_datasets(cfg)
+        train, val = train_val(cfg)
         return [p.name for p in train.image_paths], [p.name for p in val.image_paths]
 
     train, val = split(0)
@@ -58,7 +58,7 @@ def test_split_is_seeded_and_disjoint(root: Path) -> None:
 
 def test_keep_empty_decides_about_images_without_instances(root: Path) -> None:
     def names(keep_empty: bool) -> set[str]:
-        train, val = build_datasets(data_cfg("pennfudan", root=str(root), keep_empty=keep_empty))
+        train, val = train_val(data_cfg("pennfudan", root=str(root), keep_empty=keep_empty))
         return {p.name for p in train.image_paths + val.image_paths}
 
     assert "PennPed00001.png" in names(True)
@@ -72,12 +72,13 @@ def test_missing_mask_fails_at_build(root: Path) -> None:
 
 
 def test_mask_whose_size_differs_from_its_image_fails_at_read(root: Path) -> None:
-    save_image(root / "PNGImages" / "FudanPed00001.png", solid_rgb(SIZE, 12))
-    train, val = build_datasets(data_cfg("pennfudan", root=str(root)))
-    dataset = next(d for d in (train, val) if root / "PNGImages" / "FudanPed00001.png" in d.image_paths)
-    index = dataset.image_paths.index(root / "PNGImages" / "FudanPed00001.png")
-    with pytest.raises(DataError, match=r"FudanPed00001_mask\.png: mask is 16x16 but its image is 16x12"):
-        dataset[index]
+    bad = root / "PNGImages" / "FudanPed00009.png"
+    save_image(bad, solid_rgb(SIZE, 12))
+    train, val = train_val(data_cfg("pennfudan", root=str(root), val_fraction=0.5))
+    dataset = next(d for d in (train, val) if bad in d.image_paths)
+    assert dataset.image_paths.index(bad) > 0  # the first item of each split is checked when it is built
+    with pytest.raises(DataError, match=r"FudanPed00009_mask\.png: mask is 16x16 but its image is 16x12"):
+        dataset[dataset.image_paths.index(bad)]
 
 
 @pytest.mark.parametrize("missing", ["root", "PedMasks"])

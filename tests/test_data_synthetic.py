@@ -104,7 +104,7 @@ def _touching(a: np.ndarray, b: np.ndarray) -> bool:
     return bool((grown & b).any())
 
 
-@pytest.mark.parametrize("split", ["test", ""])
+@pytest.mark.parametrize("split", ["validation", ""])
 def test_unknown_split_is_refused(tmp_path: Path, split: str) -> None:
     with pytest.raises(ValueError, match="split"):
         ensure_synthetic(tmp_path, split, 1, SIZE, 0)

@@ -1,4 +1,4 @@
-"""The v2 pre-processing: resize, flip, sanitize, float conversion."""
+"""The v2 pre-processing: no resize (the model resizes), flip, sanitize, float conversion."""
 
 from __future__ import annotations
 
@@ -24,23 +24,23 @@ def _rect(height: int, width: int, rows: tuple[int, int], cols: tuple[int, int])
     return mask
 
 
-def test_resize_keeps_boxes_and_masks_together() -> None:
-    # 20 wide, 10 tall -> 40 x 40: x doubles, y quadruples.
+def test_prepare_keeps_the_original_size_and_boxes_with_masks() -> None:
+    # 20 wide, 10 tall stays 20 x 10: the model's own transform resizes, with the aspect ratio kept.
     masks = torch.stack([_rect(10, 20, (2, 6), (3, 11)), _rect(10, 20, (0, 10), (15, 20))])
-    image, target = build_prepare(40)(*_sample(10, 20, [[3, 2, 11, 6], [15, 0, 20, 10]], masks))
-    assert image.shape == (3, 40, 40) and image.dtype == torch.uint8
-    assert target["masks"].shape == (2, 40, 40)
-    assert target["boxes"].tolist() == [[6, 8, 22, 24], [30, 0, 40, 40]]
-    assert target["boxes"].canvas_size == (40, 40)
+    image, target = build_prepare()(*_sample(10, 20, [[3, 2, 11, 6], [15, 0, 20, 10]], masks))
+    assert image.shape == (3, 10, 20) and image.dtype == torch.uint8
+    assert torch.equal(target["masks"], masks)
+    assert target["boxes"].tolist() == [[3, 2, 11, 6], [15, 0, 20, 10]]
+    assert target["boxes"].canvas_size == (10, 20)
     mask_extents = masks_to_boxes(target["masks"]) + torch.tensor([0, 0, 1, 1])
     assert torch.equal(mask_extents, target["boxes"].as_subclass(torch.Tensor))
-    assert target["area"].tolist() == [16.0 * 16.0, 10.0 * 40.0]  # from the resized masks, not annotated
+    assert target["area"].tolist() == [4.0 * 8.0, 10.0 * 5.0]  # from the masks, not annotated
     assert target["image_id"] == 9
 
 
 def test_box_past_the_border_is_clamped_not_dropped() -> None:
     masks = _rect(16, 16, (0, 16), (10, 16))[None]
-    _, target = build_prepare(16)(*_sample(16, 16, [[10, -0.5, 16.4, 16.2]], masks))
+    _, target = build_prepare()(*_sample(16, 16, [[10, -0.5, 16.4, 16.2]], masks))
     assert target["boxes"].tolist() == [[10, 0, 16, 16]]
 
 
@@ -49,24 +49,22 @@ def test_degenerate_and_vanished_instances_are_dropped_in_sync() -> None:
         [
             _rect(64, 64, (8, 40), (8, 40)),  # kept
             _rect(64, 64, (10, 20), (30, 30)),  # zero-width box and empty mask
-            _rect(
-                64, 64, (1, 2), (0, 64)
-            ),  # one row: nearest-neighbour resize to 16 skips it, the box stays wide
+            torch.zeros(64, 64, dtype=torch.uint8),  # an empty mask whose box is wide
         ]
     )
     image, target = _sample(64, 64, [[8, 8, 40, 40], [30, 10, 30, 20], [0, 0, 64, 64]], masks)
     target["iscrowd"] = torch.tensor([0, 0, 1])
-    _, target = build_prepare(16)(image, target)
-    assert target["boxes"].tolist() == [[2, 2, 10, 10]]
-    assert target["masks"].shape == (1, 16, 16)
+    _, target = build_prepare()(image, target)
+    assert target["boxes"].tolist() == [[8, 8, 40, 40]]
+    assert target["masks"].shape == (1, 64, 64)
     assert target["labels"].tolist() == [1]
     assert target["iscrowd"].tolist() == [0]
-    assert target["area"].tolist() == [64.0]
+    assert target["area"].tolist() == [32.0 * 32.0]
 
 
 def test_flip_mirrors_image_boxes_and_masks_for_training_only() -> None:
     masks = _rect(8, 8, (1, 5), (0, 3))[None]
-    image, target = build_prepare(8)(*_sample(8, 8, [[0, 1, 3, 5]], masks))
+    image, target = build_prepare()(*_sample(8, 8, [[0, 1, 3, 5]], masks))
 
     flipped_image, flipped = build_augment(train=True, hflip=1.0)(image, target)
     assert flipped["boxes"].tolist() == [[5, 1, 8, 5]]
@@ -80,7 +78,7 @@ def test_flip_mirrors_image_boxes_and_masks_for_training_only() -> None:
 
 def test_augment_outputs_float_image_and_leaves_targets_typed() -> None:
     masks = _rect(8, 8, (1, 5), (0, 3))[None]
-    prepared = build_prepare(8)(*_sample(8, 8, [[0, 1, 3, 5]], masks))
+    prepared = build_prepare()(*_sample(8, 8, [[0, 1, 3, 5]], masks))
     image, target = build_augment(train=True, hflip=0.5)(*prepared)
     assert isinstance(image, tv_tensors.Image) and image.dtype == torch.float32
     assert image.min() >= 0.0 and image.max() <= 1.0

@@ -84,3 +84,85 @@ def test_stop_and_config_errors_survive_pickling() -> None:
     )
     error = pickle.loads(pickle.dumps(ConfigError("lr", -1, "a float > 0")))
     assert str(error) == str(ConfigError("lr", -1, "a float > 0"))
+
+
+def test_trial4_losses_are_caught_by_the_relative_rule_alone() -> None:
+    # The report's Trial 4 in its first steps (1.09, then 8, 59, 54): no loss scale is assumed.
+    detector = DivergenceDetector(max_loss=None, sync_every=1)
+    with pytest.raises(TrialDiverged) as info:
+        feed(detector, [1.09, 8.0, 59.0, 54.0, 300.0])
+    assert info.value.step == 3 and "median" in info.value.reason
+
+
+def test_a_large_but_steady_loss_scale_passes_without_max_loss() -> None:
+    # Where 100 is a normal loss: the relative rule alone judges it, and noise below factor x passes.
+    feed(DivergenceDetector(max_loss=None, sync_every=1), [500.0, 900.0, 450.0, 300.0, 2000.0, 250.0])
+    with pytest.raises(TrialDiverged):
+        feed(DivergenceDetector(sync_every=1), [500.0])  # ... which the default max_loss would stop
+
+
+@pytest.mark.slow
+def test_a_diverged_trial_keeps_its_loss_curve_up_to_the_stop(make_cfg) -> None:
+    """experiment=trial4 (from random weights here), max_loss off, losses logged every 10 steps: the
+    relative rule stops it within a few steps, and MLflow still has every step's loss up to the stop."""
+    from mlflow import MlflowClient
+
+    from masksweep.train import train
+
+    cfg = make_cfg(
+        "experiment=trial4",
+        "divergence.max_loss=null",
+        "data.num_train=24",
+        "trainer.limit_train_batches=12",
+        "trainer.log_every_n_steps=10",
+    )
+    with pytest.raises(TrialDiverged) as info:
+        train(cfg)
+    stop = info.value
+    assert stop.step <= 8 and "median" in stop.reason
+    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("masksweep").experiment_id])
+    assert run.info.status == "KILLED"
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert sorted(history) == list(range(1, stop.detected_at + 1))  # every step, none after the stop
+    assert history[stop.step] == pytest.approx(stop.value, rel=1e-6)
+
+
+class _ScriptedLosses(torch.nn.Module):
+    """Stands in for Mask R-CNN in the engine: step N's five losses sum to `totals[N-1]`."""
+
+    def __init__(self, totals: list[float]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.totals, self.calls = totals, 0
+
+    def forward(self, images, targets):
+        from masksweep.engine import LOSS_KEYS
+
+        total = self.totals[self.calls]
+        self.calls += 1
+        return {key: self.weight * (total / len(LOSS_KEYS)) for key in LOSS_KEYS}
+
+
+def test_a_stop_flushes_the_unlogged_steps_up_to_the_detecting_one() -> None:
+    from masksweep import engine
+
+    model = _ScriptedLosses([1.0, 1.1, 0.9, 1.0, 50.0, 60.0, 70.0, 80.0])
+    batches = [([torch.zeros(3, 4, 4)], [{}])] * 8
+    logged: dict[int, dict[str, float]] = {}
+    detector = DivergenceDetector(max_loss=None, sync_every=3)
+    with pytest.raises(TrialDiverged) as info:
+        engine.train_one_epoch(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            batches,
+            torch.device("cpu"),
+            1,
+            0,
+            detector,
+            engine.StepOptions(log_every=10),
+            on_log=lambda step, values: logged.setdefault(step, values),
+        )
+    assert (info.value.step, info.value.detected_at) == (5, 6)  # bad at 5, seen at the host look after 6
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]  # no step was due for logging (every 10): all flushed
+    assert logged[5]["loss"] == pytest.approx(50.0) and logged[6]["lr"] == 0.0

@@ -50,7 +50,7 @@ def test_predict_writes_maps_overlays_and_coco_json(tmp_path: Path) -> None:
     paths = find_images([inputs])
     assert [p.name for p in paths] == ["a.png", "broken.png", "b.jpg"]
     summary = predict_files(
-        TrainedModel(HalvesModel(), 32, {}),
+        TrainedModel(HalvesModel(), {}),
         paths,
         tmp_path / "out",
         torch.device("cpu"),
@@ -105,7 +105,14 @@ def test_evaluate_and_predict_a_logged_run(make_cfg, workdir: Path, synthetic_ca
     run_id = trained["run_id"]
 
     assert (
-        cli("evaluate", "--run", run_id, "data.num_val=2", f"data.cache_dir={synthetic_cache}").returncode
+        cli(
+            "evaluate",
+            "--run",
+            run_id,
+            "data.num_val=2",
+            "data.image_size=64",
+            f"data.cache_dir={synthetic_cache}",
+        ).returncode
         == 0
     )
     logged = MlflowClient(default_store()[0]).get_run(run_id).data.metrics

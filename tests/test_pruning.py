@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.masksweep_optuna import _backend as B
 from masksweep.errors import ConfigError, TrialPruned, TrialStopped
-from masksweep.pruning import TrialReporter
+from masksweep.study import TrialReporter
+from masksweep.study import storage as B
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -101,7 +101,7 @@ def test_a_trial_asked_here_is_reported_from_another_process(tmp_path: Path) -> 
     trial = study.ask({"x": FloatDistribution(0, 1)})
     identity = {"storage": url, "study_name": "reporting", "trial_number": 0}
     code = (
-        "from masksweep.pruning import TrialReporter\n"
+        "from masksweep.study import TrialReporter\n"
         f"r = TrialReporter.from_config({identity!r})\n"
         "r.report(0.25, 0)\n"
         "r.report(0.75, 1)\n"

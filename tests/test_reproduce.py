@@ -18,7 +18,7 @@ from masksweep.train import train
 @pytest.mark.slow
 def test_replay_has_identical_params_and_metrics_on_cpu(make_cfg, workdir: Path, capsys) -> None:
     source = train(make_cfg("device=cpu", "scheduler.warmup.iters=1"))
-    code = cli.main(["reproduce", source["run_id"], "--check"])
+    code = cli.main(["reproduce", source["run_id"][:8], "--check"])  # as `compare` prints it
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert f"metrics identical to run {source['run_id']}" in captured.err

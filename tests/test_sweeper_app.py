@@ -20,8 +20,8 @@ import pytest
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from hydra_plugins.masksweep_optuna import _backend as B
 from hydra_plugins.masksweep_optuna._space import quote
+from masksweep.study import storage as B
 
 APP = Path(__file__).resolve().parent / "sweeper_app" / "app.py"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -112,7 +112,11 @@ def test_diverged_crashed_and_bad_returns_get_their_states(tmp_path: Path) -> No
     }
     assert results["best"]["number"] == trials["ok"].number and results["best"]["params"] == {"mode": "ok"}
     assert results["study_name"] == "toy" and results["status"] == "finished"
-    assert results["storage"] == f"journal://{tmp_path}/mlruns/optuna/toy.journal"
+    # The journal's path: what optuna-dashboard takes, and Optuna's API through JournalFileBackend.
+    assert results["storage"] == f"{tmp_path}/mlruns/optuna/toy.journal"
+    backend = optuna.storages.journal.JournalFileBackend(results["storage"])
+    reopened = optuna.load_study(study_name="toy", storage=optuna.storages.JournalStorage(backend))
+    assert len(reopened.trials) == 6
     assert (tmp_path / "multirun" / "optimization_history.png").stat().st_size > 0
     assert (
         results["plots"]["param_importances"] is None
@@ -234,9 +238,13 @@ def _check_parallel_study(tmp_path: Path, study: optuna.Study, n_trials: int) ->
     assert sorted(runs) == list(range(n_trials))  # every trial ran exactly once
     assert len({t.params["x"] for t in trials}) == n_trials  # grid: no point twice
     assert len({int(line.split()[1]) for line in (tmp_path / "runs.txt").read_text().splitlines()}) == 2
-    for i in range(2):
-        results = yaml.safe_load((tmp_path / f"multirun-{i}" / "optimization_results.yaml").read_text())
-        assert results["counts"]["finished"] == n_trials and results["status"] == "finished"
+    # One summary per study, from all of its trials, written once by the worker that saw the study end.
+    candidates = [tmp_path / f"multirun-{i}" / "optimization_results.yaml" for i in range(2)]
+    summaries = [p for p in candidates if p.exists()]
+    assert len(summaries) == 1
+    results = yaml.safe_load(summaries[0].read_text())
+    assert results["counts"]["finished"] == n_trials and results["status"] == "finished"
+    assert len(results["trials"]) == n_trials
 
 
 def test_two_workers_share_the_default_journal_storage(tmp_path: Path) -> None:
@@ -266,3 +274,31 @@ def test_two_workers_share_a_postgres_storage(tmp_path: Path) -> None:
         _check_parallel_study(tmp_path, _study(tmp_path, name, url), 6)
     finally:
         _drop_study(name, url)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_trial_ends_fail_and_is_retried(tmp_path: Path, sig: signal.Signals) -> None:
+    overrides = ["x=choice(0.1, 0.2)", "hydra.sweeper.sampler.name=grid", "hang_trial=0"]
+    proc = subprocess.Popen(
+        _command(tmp_path, *overrides),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "hang-0").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "trial 0 never started"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 128 + sig and "Traceback" not in err  # the shell's status for the signal
+    assert lines[-1].startswith("masksweep-train: ") and "interrupted" in lines[-1]
+    trials = _study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # queued again, same params
+    assert trials[1].params == trials[0].params and trials[1].system_attrs[B.RETRY_FROM_ATTR] == 0
+
+    _run(tmp_path, *[o for o in overrides if not o.startswith("hang_trial")])
+    trials = _study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]

@@ -16,8 +16,6 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.masksweep_optuna import _backend as B
-from hydra_plugins.masksweep_optuna._heartbeat import WorkerIdentity, reap_stale_trials
 from hydra_plugins.masksweep_optuna._impl import Settings, SweepError, build_sampler, classify
 from hydra_plugins.masksweep_optuna._space import (
     SearchSpaceError,
@@ -27,6 +25,8 @@ from hydra_plugins.masksweep_optuna._space import (
     quote,
 )
 from masksweep.errors import TrialDiverged, TrialPruned
+from masksweep.study import storage as B
+from masksweep.study.heartbeat import WorkerIdentity, reap_stale_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

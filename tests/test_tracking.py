@@ -350,10 +350,7 @@ def test_sweep_parent_run_logs_the_summary_and_resumes_its_study(workdir: Path) 
     assert {SWEEP_RESULTS_FILE, "plots/optimization_history.png"} <= artifacts
     logged = Path(client.download_artifacts(parent, SWEEP_RESULTS_FILE, str(workdir))).read_text()
     assert SECRET not in logged and "postgresql://u:***@db/optuna" in logged
-    again = SweepRunCallback()  # the same Optuna study launched again continues its parent run
-    again.on_multirun_start(config)
-    assert again.run_id == parent and client.get_run(parent).info.status == "RUNNING"
-    again.on_multirun_end(config)
+    # A study's own parent run (adopted on a rerun, shared by its workers): tests/test_study.py.
 
 
 def test_sweep_that_dies_leaves_its_parent_failed(workdir: Path) -> None:
@@ -367,30 +364,3 @@ def test_sweep_that_dies_leaves_its_parent_failed(workdir: Path) -> None:
     assert run.info.status == "FAILED" and "before Hydra's on_multirun_end" in run.data.tags["error"]
 
 
-def _start_parent(workdir: str, index: int, barrier, queue) -> None:
-    from masksweep.tracking import SweepRunCallback
-
-    os.chdir(workdir)
-    config = sweep_config(Path(workdir), study="shared")
-    config.hydra.sweep.dir = str(Path(workdir) / "multirun" / f"worker{index}")
-    open_client(None)  # the store exists before the race, as for a second `make run`
-    barrier.wait(timeout=120)
-    callback = SweepRunCallback()
-    callback.on_multirun_start(config)
-    queue.put(callback.run_id)
-    callback.run_id = None  # leave the parent RUNNING: the other worker may still be starting
-
-
-@pytest.mark.slow
-def test_workers_started_together_on_one_study_share_one_parent(workdir: Path) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(3), ctx.Queue()
-    workers = [ctx.Process(target=_start_parent, args=(str(workdir), k, barrier, queue)) for k in range(3)]
-    for proc in workers:
-        proc.start()
-    parents = {queue.get(timeout=300) for _ in workers}
-    for proc in workers:
-        proc.join(timeout=60)
-    client = store_client(workdir)
-    runs = client.search_runs([client.get_experiment_by_name("masksweep").experiment_id])
-    assert len(parents) == 1 and [r.info.run_id for r in runs] == list(parents)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,29 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, key: str = "resume") -> dict[str, Any]:
+    """A checkpoint, loaded with weights_only=True. `key` is the option the user named the file with
+    (`resume` for masksweep-train, `--checkpoint` for `masksweep predict`/`evaluate`)."""
+    allowed = "a last.pt or best.pt written by masksweep-train"
     if not path.is_file():
-        raise ConfigError("resume", str(path), "an existing checkpoint file or an MLflow run id with one")
+        raise ConfigError(key, str(path), f"an existing checkpoint file ({allowed})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: name it, never unpickle arbitrary objects
-        raise ConfigError(
-            "resume", str(path), f"a masksweep checkpoint loadable with weights_only ({exc})"
-        ) from exc
+        raise ConfigError(key, str(path), f"{allowed}; this file {_why_unloadable(exc)}") from exc
+
+
+def _why_unloadable(exc: Exception) -> str:
+    """What is wrong with the file, in one clause. PyTorch's own message advises retrying with
+    weights_only=False (unsafe, and useless for a damaged file) and filing an issue: neither applies."""
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return f"holds Python objects{what} that a safe (weights_only) load refuses to run"
+    return "is truncated, damaged or not a torch checkpoint"
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:

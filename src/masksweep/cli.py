@@ -123,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="Hydra overrides for the data, e.g. data=coco data.val.ann_file=...",
     )
+    evaluate.add_argument(
+        "--config-dir",
+        type=Path,
+        metavar="DIR",
+        help="your own configs, as for masksweep-train (e.g. DIR/data/mine.yaml for data=mine)",
+    )
+    evaluate.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="val",
+        help="test: the held-out split (data.test); without data overrides the run's own, logged as test/*",
+    )
     evaluate.add_argument("--new-run", action="store_true", help="log to a new MLflow run")
     evaluate.add_argument("--experiment", metavar="NAME", default="masksweep")
     evaluate.add_argument("--device", default="auto")
@@ -141,7 +153,7 @@ def _predict(args: argparse.Namespace) -> int:
     from masksweep.rescore import checkpoint_of
     from masksweep.train import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     trained = load_trained(checkpoint_of(args.run, args.checkpoint, args.tracking_uri), device)
     paths = find_images(args.inputs)
     summary = predict_files(
@@ -161,19 +173,24 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from masksweep.configs import with_config_dir
     from masksweep.rescore import checkpoint_of, record, rescore
     from masksweep.train import resolve_device
 
+    overrides = with_config_dir(args.config_dir, args.overrides)
+    device = resolve_device(args.device, key="--device")  # before any store or file is read
     checkpoint = checkpoint_of(args.run, args.checkpoint, args.tracking_uri)
-    dataset, metrics = rescore(checkpoint, args.overrides, resolve_device(args.device))
+    prefix, metrics = rescore(checkpoint, overrides, device, args.split)
     for key, value in metrics.items():
         print(f"{key:>20}: {value:.4f}")
     if args.run or args.new_run:
-        from masksweep.tracking import open_client
+        from masksweep.tracking import CLI_OPTION, open_client, resolve_run_id
 
-        client, _ = open_client(args.tracking_uri)
-        run_id = record(client, args.run, args.new_run, args.experiment, dataset, metrics, checkpoint)
-        print(f"logged as eval/{dataset}/... to run {run_id}")
+        client, _ = open_client(args.tracking_uri, option=CLI_OPTION)
+        if args.run:
+            args.run = resolve_run_id(client, args.run, f"--run {args.run!r}")
+        run_id = record(client, args.run, args.new_run, args.experiment, prefix, metrics, checkpoint)
+        print(f"logged as {prefix}/... to run {run_id}")
     return 0
 
 
@@ -187,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
 
         return serve(args.tracking_uri, args.host, args.port, args.experiment)
 
-    from masksweep.tracking import open_client
+    from masksweep.tracking import CLI_OPTION, open_client
 
-    client, _ = open_client(args.tracking_uri, create=False)
+    client, _ = open_client(args.tracking_uri, create=False, option=CLI_OPTION)
     if args.command == "compare":
         from masksweep.compare import compare
 

@@ -3,6 +3,12 @@
 All checks are tensor ops on the loss's device; the host reads one small tensor every `sync_every` steps.
 The first bad step is latched on the device, so the reported step and value are exact even when the
 host looks later.
+
+Two rules, so that neither needs to know the loss scale in advance:
+- relative: a loss above `factor` x the median of the healthy losses seen so far (the last `window` of
+  them). It applies from step `warmup_steps + 1` (default: the second step, judged against the first), so an
+  explosion in the first steps is caught whatever the dataset's loss scale;
+- absolute: a loss above `max_loss` (null turns it off), for a trial that is bad from its first step.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ class DivergenceDetector:
     def __init__(
         self,
         enabled: bool = True,
-        max_loss: float = 100.0,
+        max_loss: float | None = 100.0,
         factor: float = 10.0,
         window: int = 50,
-        warmup_steps: int = 20,
+        warmup_steps: int = 1,
         sync_every: int = 4,
         action: str = "prune",
     ) -> None:
@@ -54,10 +60,11 @@ class DivergenceDetector:
         assert self._history is not None and self._latched is not None
         loss = loss.detach().float()
         code = torch.zeros((), dtype=torch.float64, device=loss.device)
-        if self.steps_seen >= self.warmup_steps:
+        if self.steps_seen >= max(1, self.warmup_steps):  # the median of nothing is NaN: no rule yet
             spike = loss > self.factor * torch.nanmedian(self._history)
             code = torch.where(spike, 4.0, code)
-        code = torch.where(loss > self.max_loss, 3.0, code)
+        if self.max_loss is not None:
+            code = torch.where(loss > self.max_loss, 3.0, code)
         if grad_norm is not None:
             code = torch.where(torch.isfinite(grad_norm), code, 2.0)
         code = torch.where(torch.isfinite(loss), code, 1.0)

@@ -1,13 +1,15 @@
 """One training epoch and one evaluation pass, in the shape of torchvision's detection references.
 
 Unlike the references, a bad loss raises TrialDiverged (via the DivergenceDetector) instead of exiting,
-and no step forces a host sync except the every-N-steps logging read.
+and no step forces a host sync except the every-N-steps logging read. The steps between two reads stay on
+the device, so a trial that stops (diverged, pruned, interrupted) still logs every step up to the stop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -16,6 +18,9 @@ from torch.utils.data import DataLoader
 
 from masksweep.divergence import DivergenceDetector
 from masksweep.metrics import COCOEvaluator
+from masksweep.progress import DEFAULT_EVERY_S, ProgressLog
+
+log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 STEP_KEYS = (*LOSS_KEYS, "loss")
@@ -30,7 +35,9 @@ class StepOptions:
     amp_dtype: torch.dtype | None = None  # None = full precision
     log_every: int = 10
     limit_batches: int | None = None
-    progress: bool = False
+    progress: bool = False  # a bar on a terminal, else a log line every progress_every_s / _n steps
+    progress_every_s: float = DEFAULT_EVERY_S
+    progress_every_n: int | None = None
 
 
 def _cpu_computes_bf16() -> bool:
@@ -72,14 +79,39 @@ def to_device(
     )
 
 
-def _batches(loader: DataLoader, limit: int | None, progress: bool, desc: str) -> Iterable:
-    total = len(loader) if limit is None else min(limit, len(loader))
-    batches = itertools.islice(loader, total)
-    if progress:
-        from tqdm.auto import tqdm
+def _num_batches(loader: DataLoader, limit: int | None) -> int:
+    return len(loader) if limit is None else min(limit, len(loader))
 
-        return tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True)
-    return batches
+
+def _batches(loader: DataLoader, limit: int | None, progress: bool, desc: str) -> Iterable:
+    total = _num_batches(loader, limit)
+    return ProgressLog(total, desc, enabled=progress, unit="batch").wrap(itertools.islice(loader, total))
+
+
+class _UnloggedSteps:
+    """The per-step losses since the last logged step, kept on the device: a stopped trial flushes them, so
+    its curve runs up to the step that stopped it. Rows are written by a device-side copy, the step numbers
+    and learning rates are host values: recording a step costs no host sync."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self._values = torch.zeros((max(size, 1), len(STEP_KEYS)), device=device)
+        self._steps: list[tuple[int, float]] = []
+
+    def add(self, step: int, values: torch.Tensor, lr: float) -> None:
+        if len(self._steps) == len(self._values):  # on_log never came (no logger): keep the latest
+            self._steps.clear()
+        self._values[len(self._steps)] = values
+        self._steps.append((step, lr))
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+    def flush(self, on_log: StepLogger) -> None:
+        """Log every recorded step (one host read for all of them)."""
+        rows = self._values[: len(self._steps)].tolist()
+        for (step, lr), row in zip(self._steps, rows, strict=True):
+            on_log(step, {**dict(zip(STEP_KEYS, row, strict=True)), "lr": lr})
+        self._steps.clear()
 
 
 def _grad_norm(params: list[torch.nn.Parameter], max_norm: float | None, needed: bool) -> torch.Tensor | None:
@@ -123,51 +155,89 @@ def train_one_epoch(
         if options.amp_dtype is not None
         else contextlib.nullcontext()
     )
-    batches = _batches(loader, options.limit_batches, options.progress, f"epoch {epoch}")
-    for images, targets in batches:
-        images, targets = to_device(images, targets, device)
-        with autocast:
-            loss_dict = model(images, targets)
-        losses = torch.stack([loss_dict[k] for k in LOSS_KEYS]).float()
-        total = losses.sum()
+    total_batches = _num_batches(loader, options.limit_batches)
+    progress = ProgressLog(
+        total_batches,
+        f"epoch {epoch}",
+        enabled=options.progress,
+        every_s=options.progress_every_s,
+        every_n=options.progress_every_n,
+    )
+    unlogged = _UnloggedSteps(options.log_every, device)
+    try:
+        for images, targets in progress.wrap(itertools.islice(loader, total_batches)):
+            images, targets = to_device(images, targets, device)
+            with autocast:
+                loss_dict = model(images, targets)
+            losses = torch.stack([loss_dict[k] for k in LOSS_KEYS]).float()
+            total = losses.sum()
+            grad_norm = _optimize(total, params, optimizer, options.grad_clip_norm, detector.enabled, scaler)
+            if warmup is not None and global_step < warmup.total_iters:
+                warmup.step()
 
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-        else:
-            total.backward()
-        grad_norm = _grad_norm(params, options.grad_clip_norm, detector.enabled)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if warmup is not None and global_step < warmup.total_iters:
-            warmup.step()
-
-        step_values = torch.cat([losses.detach(), total.detach()[None]])
-        sums += step_values
-        steps += 1
-        global_step += 1
-        # With AMP fp16 the scaler skips non-finite steps on purpose, so only the loss is checked then.
-        detector.update(global_step, total, None if scaler is not None else grad_norm)
-        if on_log is not None and global_step % options.log_every == 0:
-            values = dict(
-                zip(STEP_KEYS, step_values.tolist(), strict=True)
-            )  # the one host sync of the N steps
-            values["lr"] = optimizer.param_groups[0]["lr"]
-            on_log(global_step, values)
-            if options.progress and hasattr(batches, "set_postfix"):
-                batches.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-    detector.check()
+            step_values = torch.cat([losses.detach(), total.detach()[None]])
+            sums += step_values
+            steps += 1
+            global_step += 1
+            lr = optimizer.param_groups[0]["lr"]
+            if on_log is not None:
+                unlogged.add(global_step, step_values, lr)
+            # With AMP fp16 the scaler skips non-finite steps on purpose, so only the loss is checked then.
+            detector.update(global_step, total, None if scaler is not None else grad_norm)
+            if on_log is not None and global_step % options.log_every == 0:
+                # The one host sync of the N steps.
+                values = {**dict(zip(STEP_KEYS, step_values.tolist(), strict=True)), "lr": lr}
+                on_log(global_step, values)
+                unlogged.clear()
+                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+        detector.check()
+    except BaseException:
+        # Diverged, pruned mid-epoch, interrupted or crashed: the steps since the last log are the evidence.
+        if on_log is not None:
+            _flush_quietly(unlogged, on_log)
+        raise
     means = (sums / max(steps, 1)).tolist()
     return dict(zip(STEP_KEYS, means, strict=True)), global_step
 
 
+def _optimize(
+    total: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    grad_clip_norm: float | None,
+    norm_needed: bool,
+    scaler: torch.amp.GradScaler | None,
+) -> torch.Tensor | None:
+    """Backward, clip, optimizer step; returns the gradient norm (None when neither clipping nor the
+    divergence check needs it)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    grad_norm = _grad_norm(params, grad_clip_norm, norm_needed)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return grad_norm
+
+
+def _flush_quietly(unlogged: _UnloggedSteps, on_log: StepLogger) -> None:
+    try:
+        unlogged.flush(on_log)
+    except Exception as exc:  # the stop itself matters more than its last few points
+        log.warning("could not log the last steps before the stop: %s", exc)
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: list[torch.Tensor], device: torch.device) -> list[dict]:
-    """Run the model in eval mode on a list of images; outputs come back on the CPU."""
+    """Run the model in eval mode on a list of images (any sizes); outputs come back on the CPU.
+
+    The model's transform resizes each image (aspect kept) and its postprocess maps boxes and pastes masks
+    back at the image's own size, so outputs are in the input's frame."""
     model.eval()
     outputs = model([image.as_subclass(torch.Tensor).to(device) for image in images])
     return [{k: v.cpu() for k, v in output.items()} for output in outputs]
@@ -182,7 +252,8 @@ def evaluate(
     progress: bool = False,
     on_batch: BatchHook | None = None,
 ) -> dict[str, float]:
-    """COCO AP (bbox, segm) and the IoUs over the loader's split. `on_batch` sees each batch with its
+    """COCO AP (bbox, segm) and the IoUs over the loader's split, at original resolution (against the
+    evaluator's ground truth: the dataset's own when it was given one). `on_batch` sees each batch with its
     outputs, e.g. to draw overlays from these predictions instead of running the model again."""
     evaluator.reset()
     for images, targets in _batches(loader, limit_batches, progress, "eval"):

@@ -24,8 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class TrainedModel:
-    model: torch.nn.Module
-    image_size: int
+    model: torch.nn.Module  # resizes its inputs itself and maps its outputs back to each image's size
     config: dict[str, Any]
 
 
@@ -35,9 +34,9 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
 
     from masksweep.model import build_model
 
-    state = load(path)
+    state = load(path, key="--checkpoint")
     spec = {k: v for k, v in state["model_config"].items() if not k.startswith("_")}
-    model = build_model(**{**spec, "weights": None, "weights_backbone": None})
+    model = build_model(**{**spec, "weights_backbone": None}, read_weights=False)  # as trained, nothing read
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # e.g. a checkpoint from an older version of the architecture
@@ -46,7 +45,7 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
             "--checkpoint", str(path), f"a checkpoint of {spec['arch']} as built now ({detail})"
         ) from exc
     config = OmegaConf.to_container(OmegaConf.create(state["config"]))
-    return TrainedModel(model.to(device).eval(), int(spec["min_size"]), config)
+    return TrainedModel(model.to(device).eval(), config)
 
 
 def find_images(inputs: Iterable[Path]) -> list[Path]:
@@ -68,15 +67,6 @@ class PredictSummary:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def _to_original_size(output: dict[str, torch.Tensor], height: int, width: int, size: int) -> dict:
-    """Map a prediction made at size x size back to the image's own resolution."""
-    masks = torch.nn.functional.interpolate(
-        output["masks"], size=(height, width), mode="bilinear", align_corners=False
-    )
-    scale = torch.tensor([width / size, height / size, width / size, height / size])
-    return {**output, "masks": masks, "boxes": output["boxes"] * scale}
-
-
 def _save_instance_map(ids: np.ndarray, path: Path) -> None:
     # PNG holds 8-bit greyscale up to 255 instances and 16-bit beyond; ids are never rescaled.
     Image.fromarray(ids.astype(np.uint16) if ids.dtype != np.uint8 else ids).save(path)
@@ -92,7 +82,11 @@ def predict_files(
     batch_size: int = 4,
     progress: bool = True,
 ) -> PredictSummary:
-    """Write NAME_instances.png, NAME_overlay.png per image and one predictions.json (COCO results)."""
+    """Write NAME_instances.png, NAME_overlay.png per image and one predictions.json (COCO results).
+
+    Images go to the model at their own size; its transform resizes them as in training (aspect kept) and
+    maps boxes and masks back, so every output is at the image's original resolution. predictions.json uses
+    category id 1 (person) and image ids 1..N, which image_ids.json maps to the files."""
     from tqdm.auto import tqdm
 
     from masksweep.data.images import read_rgb
@@ -101,12 +95,7 @@ def predict_files(
     from masksweep.postprocess import instance_map, overlay
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    resize = v2.Compose(
-        [
-            v2.Resize((trained.image_size, trained.image_size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
+    to_float = v2.ToDtype(torch.float32, scale=True)
     summary, results, image_ids = PredictSummary(), [], {}
     bar = tqdm(total=len(paths), desc="predict", disable=not progress, unit="img")
     for start in range(0, len(paths), batch_size):
@@ -120,10 +109,8 @@ def predict_files(
                 bar.update()
         if not batch:
             continue
-        outputs = predict(trained.model, [resize(image) for _, image in batch], device)
+        outputs = predict(trained.model, [to_float(image) for _, image in batch], device)
         for (path, image), output in zip(batch, outputs, strict=True):
-            height, width = image.shape[-2:]
-            output = _to_original_size(output, height, width, trained.image_size)
             ids = instance_map(output, score_threshold=score_threshold, mask_threshold=mask_threshold)
             stem = out_dir / path.stem
             _save_instance_map(ids, stem.with_name(f"{path.stem}_instances.png"))

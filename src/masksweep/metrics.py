@@ -1,7 +1,10 @@
 """Detectron2-style evaluator: COCO box/mask AP plus foreground and instance IoUs.
 
 AP is computed by a COCO API (faster-coco-eval's C++ ``COCOeval_faster`` by default, pycocotools' reference
-``COCOeval`` on request); this module only builds the COCO ground-truth dict and results list incrementally.
+``COCOeval`` on request); this module only assembles the COCO ground-truth dict and the results list. The
+ground truth is the dataset's own (for COCO data: the annotation file's annotations, verbatim) when one is
+given, so that AP equals what pycocotools computes from the source file and the exported results; without
+one it is built from the targets as they are processed.
 The IoUs are not provided by either library and are computed here (`_ImageIoU`, `_match_instances`).
 
 Undefined values map to 0.0 rather than COCO's -1 (no ground-truth persons, no detections, nothing
@@ -73,15 +76,18 @@ def _xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
     return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
 
 
-def coco_results(image_id: int, output: dict[str, Any], binary_masks: torch.Tensor) -> list[dict[str, Any]]:
-    """One image's detections in COCO results format (xywh boxes, RLE masks), for COCO tools to re-score."""
+def coco_results(
+    image_id: int, output: dict[str, Any], binary_masks: torch.Tensor, category_id: int = PERSON
+) -> list[dict[str, Any]]:
+    """One image's person detections in COCO results format (xywh boxes, RLE masks, in the output's frame),
+    under the dataset's person `category_id`, for COCO tools to re-score."""
+    person = torch.as_tensor(output["labels"]).reshape(-1) == PERSON
     return [
-        {"image_id": image_id, "category_id": int(label), "bbox": box, "score": score, "segmentation": rle}
-        for rle, box, label, score in zip(
-            _encode(binary_masks),
-            _xyxy_to_xywh(torch.as_tensor(output["boxes"])),
-            torch.as_tensor(output["labels"]).reshape(-1).tolist(),
-            torch.as_tensor(output["scores"]).reshape(-1).to(torch.float32).tolist(),
+        {"image_id": image_id, "category_id": category_id, "bbox": box, "score": score, "segmentation": rle}
+        for rle, box, score in zip(
+            _encode(binary_masks[person]),
+            _xyxy_to_xywh(torch.as_tensor(output["boxes"])[person]),
+            torch.as_tensor(output["scores"]).reshape(-1)[person].to(torch.float32).tolist(),
             strict=True,
         )
     ]
@@ -142,16 +148,27 @@ class COCOEvaluator:
         ones counting 0; extra predictions are not penalised here (AP does that). 0.0 without ground truth.
 
       With no image processed, every metric is 0.0.
+
+    ``ground_truth`` (a COCO dataset dict with one category, the person category, e.g. from
+    `masksweep.data.ground_truth`) is what AP is computed against, restricted to the processed images;
+    detections carry its category id. Without it, the ground truth is built from the processed targets
+    (category id 1).
     """
 
     def __init__(
-        self, backend: str = "faster_coco_eval", score_threshold: float = 0.5, mask_threshold: float = 0.5
+        self,
+        backend: str = "faster_coco_eval",
+        score_threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        ground_truth: dict[str, Any] | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError("eval.backend", backend, ", ".join(BACKENDS))
         self.backend = backend
         self.score_threshold = float(score_threshold)
         self.mask_threshold = float(mask_threshold)
+        self._source = _SourceTruth(ground_truth) if ground_truth is not None else None
+        self.category_id = self._source.category["id"] if self._source is not None else PERSON
         self.reset()
 
     def reset(self) -> None:
@@ -181,11 +198,33 @@ class COCOEvaluator:
             raise ValueError(
                 f"image {image_id}: output masks {tuple(pred_masks.shape[-2:])} vs target {(height, width)}"
             )
+        if self._source is not None:
+            self._source.check(image_id, int(height), int(width))
         self._seen.add(image_id)
         self._images.append({"id": image_id, "height": int(height), "width": int(width)})
-
         gt_labels = torch.as_tensor(target["labels"]).reshape(-1)
         iscrowd = torch.as_tensor(target.get("iscrowd", torch.zeros_like(gt_labels))).reshape(-1)
+        if self._source is None:
+            self._add_ground_truth(image_id, target, gt_masks, gt_labels, iscrowd)
+
+        scores = torch.as_tensor(output["scores"]).reshape(-1).to(torch.float32)
+        labels = torch.as_tensor(output["labels"]).reshape(-1)
+        binary = pred_masks > self.mask_threshold  # threshold in torch, before any numpy copy
+        self._detections.extend(coco_results(image_id, output, binary, self.category_id))
+
+        keep_gt = (gt_labels == PERSON) & (iscrowd == 0)
+        keep_dt = (labels == PERSON) & (scores >= self.score_threshold)
+        self._accumulate_iou(binary[keep_dt], gt_masks[keep_gt], scores[keep_dt])
+
+    def _add_ground_truth(
+        self,
+        image_id: int,
+        target: dict[str, Any],
+        gt_masks: torch.Tensor,
+        gt_labels: torch.Tensor,
+        iscrowd: torch.Tensor,
+    ) -> None:
+        """Ground truth from a target, for datasets without their own COCO ground truth."""
         area = target.get("area")
         area = (gt_masks.flatten(1).sum(1) if area is None else torch.as_tensor(area)).reshape(-1)
         gt_boxes = _xyxy_to_xywh(torch.as_tensor(target["boxes"]))
@@ -203,15 +242,6 @@ class COCOEvaluator:
                     "iscrowd": int(crowd),
                 }
             )
-
-        scores = torch.as_tensor(output["scores"]).reshape(-1).to(torch.float32)
-        labels = torch.as_tensor(output["labels"]).reshape(-1)
-        binary = pred_masks > self.mask_threshold  # threshold in torch, before any numpy copy
-        self._detections.extend(coco_results(image_id, output, binary))
-
-        keep_gt = (gt_labels == PERSON) & (iscrowd == 0)
-        keep_dt = (labels == PERSON) & (scores >= self.score_threshold)
-        self._accumulate_iou(binary[keep_dt], gt_masks[keep_gt], scores[keep_dt])
 
     def _accumulate_iou(self, pred: torch.Tensor, gt: torch.Tensor, scores: torch.Tensor) -> None:
         """Foreground and instance IoU terms of one image (hand-written: no library computes these)."""
@@ -236,7 +266,9 @@ class COCOEvaluator:
 
     # ------------------------------------------------------------------ results
     def ground_truth(self) -> dict[str, Any]:
-        """The COCO ground-truth dict accumulated so far (a copy; safe to mutate or dump as JSON)."""
+        """The COCO ground-truth dict of the images processed so far (a copy; safe to mutate or dump)."""
+        if self._source is not None:
+            return self._source.restricted(self._seen)
         return {
             "images": [dict(image) for image in self._images],
             "annotations": [_copy_annotation(ann) for ann in self._gt_annotations],
@@ -351,6 +383,39 @@ class COCOEvaluator:
             "images": list(gt_dataset["images"]),
             "categories": [dict(c) for c in gt_dataset["categories"]],
             "annotations": annotations,
+        }
+
+
+class _SourceTruth:
+    """A dataset's own COCO ground truth, indexed by image id once, handed out per evaluated image set."""
+
+    def __init__(self, dataset: dict[str, Any]) -> None:
+        categories = dataset.get("categories", [])
+        if len(categories) != 1:
+            names = [c.get("name") for c in categories]
+            raise ValueError(f"ground_truth: categories {names}; expected exactly one (the person category)")
+        self.category = dict(categories[0])
+        self.images = {int(image["id"]): image for image in dataset["images"]}
+        self.annotations: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in self.images}
+        for annotation in dataset["annotations"]:
+            self.annotations[int(annotation["image_id"])].append(annotation)
+
+    def check(self, image_id: int, height: int, width: int) -> None:
+        image = self.images.get(image_id)
+        if image is None:
+            raise ValueError(f"image_id {image_id} is not in the ground truth's images")
+        if (int(image["height"]), int(image["width"])) != (height, width):
+            raise ValueError(
+                f"image {image_id}: target is {height}x{width} but the ground truth says "
+                f"{image['height']}x{image['width']}; expected targets at the original resolution"
+            )
+
+    def restricted(self, image_ids: set[int]) -> dict[str, Any]:
+        ids = [image_id for image_id in self.images if image_id in image_ids]
+        return {
+            "images": [dict(self.images[i]) for i in ids],
+            "annotations": [_copy_annotation(a) for i in ids for a in self.annotations[i]],
+            "categories": [dict(self.category)],
         }
 
 

@@ -14,24 +14,35 @@ import json
 import logging
 import math
 import os
-import sys
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
+
+from masksweep import engine
+from masksweep.data import build_datasets, collate
+from masksweep.data.synthetic import GENERATOR_VERSION
+from masksweep.divergence import DivergenceDetector
 
 log = logging.getLogger(__name__)
 
 # Bump when the recipe below changes, so weights made by older code are not reused.
 RECIPE_VERSION = 3  # 2: the slim mask head gained BatchNorm; 3: AdamW, cosine decay, bf16 where native
 
+# Measured on the 2-core reference CPU: the tiny preset's 750 steps of 4 images at 128 px took 10 min 22 s
+# (bf16, every core). Pretraining time scales with the pixels it processes; the estimate says so.
+REFERENCE_SECONDS_PER_MEGAPIXEL = 622 / (750 * 4 * 128 * 128 / 1e6)
+
 
 def cache_path(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> Path:
-    from masksweep.data.synthetic import GENERATOR_VERSION
-
+    """The cache file for this model and recipe: a hash of every value that shapes the weights (the model's
+    architecture, heads and min_size/max_size; the recipe; the code and torch versions), not of the
+    dataset the trials use, so any `data=` reuses it."""
     recipe = {k: v for k, v in pretrain.items() if k not in ("enabled", "cache_dir")}
     key = json.dumps(
         [RECIPE_VERSION, GENERATOR_VERSION, torch.__version__, dict(model_kwargs), recipe], sort_keys=True
@@ -40,24 +51,71 @@ def cache_path(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> 
     return Path(pretrain["cache_dir"]) / f"{model_kwargs['arch']}-{digest}.pt"
 
 
-def ensure_pretrained(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> Path:
-    """The cached pretrained weights for this model and recipe; trains them first if missing."""
+def ensure_pretrained(
+    model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any], build: Callable[[], nn.Module]
+) -> Path:
+    """The cached pretrained weights for the model `build` makes (`model_kwargs` key the cache); trains them
+    first if missing. `build` returns that model with random weights: the caller composes the model, so
+    this module does not depend on masksweep.model."""
     path = cache_path(model_kwargs, pretrain)
     if path.is_file():
+        log.info("Starting from the pretrained weights cached at %s", path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Parallel sweep workers wait for one pretraining instead of each running their own.
     with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _try_lock(lock):
+            log.info("Waiting for another process to finish pretraining into %s", path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
+            _announce(model_kwargs, pretrain, path)
             # fork_rng: the trial that happens to pretrain must go on with the random stream it would have
             # had with the cache already there (RPN and RoI sampling draw from the global generator).
             with _all_cores(), torch.random.fork_rng():
-                state = _pretrain(model_kwargs, pretrain)
+                state = _pretrain(build, pretrain)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(state, tmp)
             os.replace(tmp, path)  # atomic: a kill mid-write never leaves a truncated cache entry
+            log.info("Pretrained weights cached at %s", path)
     return path
+
+
+def _try_lock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def estimate_minutes(pretrain: Mapping[str, Any]) -> float:
+    """Pretraining time on the 2-core reference CPU, scaled by the pixels it trains on."""
+    megapixels = int(pretrain["steps"]) * int(pretrain["batch_size"]) * int(pretrain["image_size"]) ** 2 / 1e6
+    return megapixels * REFERENCE_SECONDS_PER_MEGAPIXEL / 60
+
+
+def _minutes(minutes: float) -> str:
+    return f"~{minutes:.0f} min" if minutes >= 1 else "under a minute"
+
+
+def _announce(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any], path: Path) -> None:
+    """Why this expensive step runs, for how long, how to skip it and what reuses it (issue 15 item 6)."""
+    log.info(
+        "Pretraining %s once: model.weights is null and model.pretrain.enabled is true, so trials start "
+        "from weights trained for %d steps on a separate synthetic dataset (seed %s, %d px), as the report "
+        "fine-tuned pretrained weights. Estimated %s on a 2-core CPU (less with more cores or a GPU); "
+        "progress is logged every ~30 s. Turn it off with model.pretrain.enabled=false (random weights) or "
+        "pass model.weights=PATH. Cached at %s, keyed by the model (arch, heads, min_size=%s, max_size=%s) "
+        "and the model.pretrain recipe, not by the data config: later runs with any data= reuse it.",
+        model_kwargs["arch"],
+        int(pretrain["steps"]),
+        pretrain["seed"],
+        int(pretrain["image_size"]),
+        _minutes(estimate_minutes(pretrain)),
+        path,
+        model_kwargs.get("min_size"),
+        model_kwargs.get("max_size"),
+    )
 
 
 @contextmanager
@@ -73,22 +131,12 @@ def _all_cores() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _pretrain(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    from masksweep import engine
-    from masksweep.data import build_datasets, collate
-    from masksweep.divergence import DivergenceDetector
-    from masksweep.model import build_model
-
+def _pretrain(build: Callable[[], nn.Module], pretrain: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     steps = int(pretrain["steps"])
-    log.info(
-        "Pretraining %s once for %d steps on synthetic data (seed %s); cached for later runs.",
-        model_kwargs["arch"],
-        steps,
-        pretrain["seed"],
-    )
     torch.manual_seed(int(pretrain["seed"]))
     data_cfg = OmegaConf.create(
         {
+            "_target_": "masksweep.data.synthetic.synthetic",
             "name": "synthetic",
             "image_size": pretrain["image_size"],
             "hflip": 0.5,
@@ -101,7 +149,7 @@ def _pretrain(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> d
             "cache_dir": str(Path(pretrain["cache_dir"]) / "data"),
         }
     )
-    train_set, _ = build_datasets(data_cfg)
+    train_set = build_datasets(data_cfg).train
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=int(pretrain["batch_size"]),
@@ -111,7 +159,7 @@ def _pretrain(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> d
         generator=torch.Generator().manual_seed(int(pretrain["seed"])),
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(**model_kwargs).to(device)
+    model = build().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     # AdamW: from scratch it reached 2x the AP segm of SGD (lr 0.01, momentum 0.9) after 240 steps here.
     optimizer = torch.optim.AdamW(params, lr=float(pretrain["lr"]), weight_decay=1e-4)
@@ -128,13 +176,15 @@ def _pretrain(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> d
     amp_dtype = engine.resolve_amp("auto", device)
     amp_dtype = amp_dtype if amp_dtype == torch.bfloat16 else None  # fp16 would need a GradScaler
     step, epoch = 0, 0
+    start = time.monotonic()
     while step < steps:
         epoch += 1
         options = engine.StepOptions(
-            grad_clip_norm=10.0, amp_dtype=amp_dtype, limit_batches=steps - step, progress=sys.stderr.isatty()
+            grad_clip_norm=10.0, amp_dtype=amp_dtype, limit_batches=steps - step, progress=True
         )
         means, step = engine.train_one_epoch(
             model, optimizer, loader, device, epoch, step, detector, options, warmup=schedule
         )
-        log.info("pretraining step %d/%d  loss %.4f", step, steps, means["loss"])
+        left = _minutes((time.monotonic() - start) / step * (steps - step) / 60)
+        log.info("pretraining step %d/%d  loss %.4f  %s left", step, steps, means["loss"], left)
     return {k: v.cpu() for k, v in model.state_dict().items()}

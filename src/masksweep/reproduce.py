@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from masksweep.errors import MasksweepError, TrackingError, TrialStopped
-from masksweep.tracking import TAG_REPRODUCED_FROM, RetryingClient, extra_run_tags, provenance
+from masksweep.tracking import TAG_REPRODUCED_FROM, RetryingClient, extra_run_tags, find_run, provenance
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -150,14 +150,15 @@ def reproduce(
     out=None,
     err=None,
 ) -> int:
-    """Replay `run_id`; print the diff. Returns the exit status (1 with `check` when metrics differ)."""
+    """Replay `run_id` (a whole id or a unique prefix of 6+ hex digits); print the diff. Returns the exit
+    status (1 with `check` when metrics differ)."""
     from rich.console import Console
 
-    from masksweep.compare import _get_run
     from masksweep.train import train
 
     out, err = out or sys.stdout, err or sys.stderr
-    source = _get_run(client, run_id)
+    source = find_run(client, run_id)
+    run_id = source.info.run_id
     cfg = replay_config(load_config(client, run_id), tracking_uri, overrides)
     for warning in git_warnings(source):
         print(f"masksweep reproduce: warning: {warning}", file=err)

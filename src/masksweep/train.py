@@ -11,6 +11,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -18,14 +19,15 @@ import torch
 from omegaconf import DictConfig
 
 from masksweep import engine
+from masksweep.configs import CONFIG_NAME, CONFIG_PATH
 from masksweep.errors import ConfigError, MasksweepError, TrialStopped
+from masksweep.interrupts import Interrupted, signals_raise
 from masksweep.validation import validate
 
 log = logging.getLogger(__name__)
 
 # The Optuna user attr where a sweep trial records its checkpoint directory, for a retry to resume from.
 CHECKPOINT_DIR_ATTR = "checkpoint_dir"
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -43,10 +45,24 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """The torch device for `name` (auto = cuda if available), checked now: a device this machine lacks is
+    one line naming `key` (the option the user set), not a torch traceback at the first tensor."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(key, name, "auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(key, name, "auto or cpu (this machine has no CUDA GPU that torch can use)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(key, name, f"cuda:0 ... cuda:{count - 1} (this machine has {count} GPUs)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(key, name, "auto or cpu (MPS is not available on this machine)")
+    return device
 
 
 def make_loader(
@@ -69,7 +85,7 @@ def make_loader(
 
 
 @dataclass
-class Progress:
+class TrialState:
     """What a checkpoint restores besides the modules: where the trial is and what it has seen."""
 
     epoch: int = 0
@@ -116,30 +132,36 @@ def attempt_checkpoint(previous: tuple[int, dict] | None) -> Path | None:
     return Path(directory) / LAST
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train and evaluate one trial. Returns the final metrics; raises TrialStopped on prune or divergence."""
-    validate(cfg)
-    # Heavy or optional modules load here, so `masksweep-train --help` stays fast.
-    from hydra.utils import instantiate
+@dataclass
+class Plan:
+    """What the checks before any heavy work found; the trial is set up from it."""
+
+    device: torch.device
+    model_cfg: dict[str, Any]
+    checkpoints: Any  # masksweep.checkpoint.CheckpointManager (imported lazily)
+    reporter: Any = None  # masksweep.study.TrialReporter in a sweep, else None
+    previous: tuple[int, dict] | None = None  # the attempt of this trial that died, if any
+    resume_from: Path | None = None
+    saved: dict[str, Any] | None = None  # the checkpoint resumed from
+
+
+def preflight(cfg: DictConfig) -> Plan:
+    """Every check that can fail on the user's input, before data is built, weights are loaded or
+    pretraining starts (minutes of work lost to a typo otherwise): the config values, the device, the
+    tracking store (reachable, and a SQLite file's directory), the Optuna storage of a sweep, the checkpoint
+    to resume from and the model weights file."""
     from omegaconf import OmegaConf
 
     from masksweep import checkpoint
-    from masksweep.artifacts import OverlaySamples, save_curves, save_overlays
-    from masksweep.data import build_datasets, dataset_fingerprint
-    from masksweep.divergence import DivergenceDetector
-    from masksweep.metrics import COCOEvaluator
-    from masksweep.optim import build_optimizer, build_scheduler, build_warmup
-    from masksweep.tracking import log_run_inputs, redacted_config, start_tracker
+    from masksweep.tracking import check_store
 
-    generator = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    train_set, val_set = build_datasets(cfg.data)
-    train_loader = make_loader(train_set, cfg, train=True, generator=generator)
-    val_loader = make_loader(val_set, cfg, train=False, generator=generator)
-
+    validate(cfg)
+    device = resolve_device(str(cfg.device))
+    if cfg.tracking.enabled:
+        check_store(cfg.tracking.uri)
     reporter = None
     if cfg.optuna.trial_number is not None:
-        from masksweep.pruning import TrialReporter
+        from masksweep.study import TrialReporter
 
         reporter = TrialReporter.from_config(cfg.optuna)
     checkpoints = checkpoint.CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep)
@@ -147,7 +169,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume_from = (
         resume_path(str(cfg.resume), cfg) if cfg.resume is not None else attempt_checkpoint(previous)
     )
-
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     saved = checkpoint.load(resume_from) if resume_from is not None else None
     if saved is not None:
@@ -155,161 +176,271 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # A finished trial keeps weights only; that is enough to redo its end (a kill after the last epoch)
         # but not to train on.
         if "optimizer" not in saved and saved["progress"]["epoch"] < cfg.epochs:
-            raise ConfigError("resume", str(resume_from),
-                              "the last.pt of an unfinished trial (a finished trial keeps its weights only)")
+            raise ConfigError(
+                "resume",
+                str(resume_from),
+                "the last.pt of an unfinished trial (a finished trial keeps its weights only)",
+            )
         model_cfg["pretrain"] = None  # the checkpoint holds the weights; no need to pretrain or load again
-    model = instantiate(model_cfg).to(device)
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
-    scheduler = build_scheduler(cfg.scheduler, optimizer)
-    warmup = build_warmup(cfg.scheduler, optimizer)
-    amp_dtype = engine.resolve_amp(cfg.trainer.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    detector = DivergenceDetector(**cfg.divergence)
-    stateful = {
-        "model": model,
-        "optimizer": optimizer,
-        "scheduler": scheduler,
-        "warmup": warmup,
-        "scaler": scaler,
-        "divergence": detector,
-    }
-    progress = Progress()
-    if saved is not None:
-        for key, module in stateful.items():
-            if module is not None and key in saved:
-                module.load_state_dict(saved[key])
-        if "rng" in saved:
-            checkpoint.restore_rng(saved["rng"], generator)
-        progress = Progress(**saved["progress"])
-        log.info("Resuming from %s after epoch %d", resume_from, progress.epoch)
+    _check_weights(model_cfg)
+    return Plan(device, model_cfg, checkpoints, reporter, previous, resume_from, saved)
 
-    evaluator = COCOEvaluator(cfg.eval.backend, cfg.eval.score_threshold, cfg.eval.mask_threshold)
-    options = engine.StepOptions(
-        grad_clip_norm=cfg.trainer.grad_clip_norm,
-        amp_dtype=amp_dtype,
-        log_every=cfg.trainer.log_every_n_steps,
-        limit_batches=cfg.trainer.limit_train_batches,
-        progress=cfg.trainer.progress and sys.stderr.isatty(),
-    )
-    tracker = start_tracker(cfg)
-    # The val overlays are drawn from the last epoch's evaluation, not from a second pass of the model.
-    overlays = OverlaySamples(cfg.tracking.num_overlays if cfg.tracking.enabled else 0)
-    with tracker.recording(), checkpoints:
-        log_run_inputs(tracker, cfg, {"data.fingerprint": dataset_fingerprint(train_set)})
-        if reporter is not None:
-            reporter.set_user_attr(CHECKPOINT_DIR_ATTR, str(checkpoints.directory.absolute()))
-        if previous is not None:  # the dead attempt could not end its own run
-            tracker.fail_abandoned(cfg.optuna.study_name, previous[0], reporter.number)
+
+def _check_weights(model_cfg: dict[str, Any]) -> None:
+    """A weights name torchvision lacks, or a weights file that is not there (nothing is read or fetched)."""
+    weights = model_cfg.get("weights")
+    if weights is None:
+        return
+    from masksweep.model import resolve_weights
+
+    found = resolve_weights(model_cfg["arch"], str(weights))
+    if found.path is not None and not found.path.is_file():
+        raise ConfigError(
+            "model.weights", str(weights), "an existing checkpoint file or a torchvision weights name"
+        )
+
+
+def instantiate_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(model_cfg)
+    except InstantiationException as exc:
+        # Hydra wraps the builder's error in "Error in call to target ..."; ours is already the one line.
+        if isinstance(exc.__cause__, MasksweepError):
+            raise exc.__cause__ from None
+        raise
+
+
+class Trial:
+    """One trial's objects: built by the constructor, advanced by `run_epoch`, closed by `finish`.
+
+    train() is: preflight (checks only) -> Trial(...) (seed, data, model, optimizer, restored state) -> inside
+    the tracker's run: begin, run_epoch per epoch, finish."""
+
+    def __init__(self, cfg: DictConfig, plan: Plan) -> None:
+        """Seed, build the data, the model and the optimizer, and restore a resumed trial's state. The order
+        of what draws random numbers is fixed: a seed gives the same trial to the last digit."""
+        from masksweep import checkpoint
+        from masksweep.artifacts import OverlaySamples
+        from masksweep.data import build_datasets, ground_truth
+        from masksweep.divergence import DivergenceDetector
+        from masksweep.metrics import COCOEvaluator
+        from masksweep.optim import build_optimizer, build_scheduler, build_warmup
+        from masksweep.tracking import start_tracker
+
+        self.cfg, self.plan, self.device = cfg, plan, plan.device
+        self.checkpoints, self.reporter = plan.checkpoints, plan.reporter
+        self.generator = seed_everything(cfg.seed)
+        datasets = build_datasets(cfg.data)  # .test (if any) is only for `masksweep evaluate --split test`
+        self.train_set = datasets.train
+        self.train_loader = make_loader(datasets.train, cfg, train=True, generator=self.generator)
+        self.val_loader = make_loader(datasets.val, cfg, train=False, generator=self.generator)
+
+        model = instantiate_model(plan.model_cfg).to(self.device)
+        if cfg.trainer.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer)
+        self.warmup = build_warmup(cfg.scheduler, self.optimizer)
+        amp_dtype = engine.resolve_amp(cfg.trainer.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None
+        self.detector = DivergenceDetector(**cfg.divergence)
+        self.stateful = {
+            "model": model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "warmup": self.warmup,
+            "scaler": self.scaler,
+            "divergence": self.detector,
+        }
+        self.state = TrialState()
+        if plan.saved is not None:
+            for key, module in self.stateful.items():
+                if module is not None and key in plan.saved:
+                    module.load_state_dict(plan.saved[key])
+            if "rng" in plan.saved:
+                checkpoint.restore_rng(plan.saved["rng"], self.generator)
+            self.state = TrialState(**plan.saved["progress"])
+            log.info("Resuming from %s after epoch %d", plan.resume_from, self.state.epoch)
+        self.resumed_after_the_last_epoch = self.state.epoch >= cfg.epochs
+
+        self.evaluator = COCOEvaluator(
+            cfg.eval.backend, cfg.eval.score_threshold, cfg.eval.mask_threshold, ground_truth(datasets.val)
+        )
+        self.options = engine.StepOptions(
+            grad_clip_norm=cfg.trainer.grad_clip_norm,
+            amp_dtype=amp_dtype,
+            log_every=cfg.trainer.log_every_n_steps,
+            limit_batches=cfg.trainer.limit_train_batches,
+            progress=cfg.trainer.progress,
+            # .get: a config logged before these keys existed (`masksweep reproduce`) replays as it ran.
+            progress_every_s=cfg.trainer.get("progress_every_s", engine.DEFAULT_EVERY_S),
+            progress_every_n=cfg.trainer.get("progress_every_n_steps"),
+        )
+        self.tracker = start_tracker(cfg)
+        # The val overlays are drawn from the last epoch's evaluation, not from a second pass of the model.
+        self.overlays = OverlaySamples(cfg.tracking.num_overlays if cfg.tracking.enabled else 0)
+
+    def epochs(self) -> range:
+        return range(self.state.epoch + 1, self.cfg.epochs + 1)
+
+    def begin(self) -> None:
+        """The run's inputs and tags, and a resumed run's curve so far."""
+        from masksweep.data import dataset_fingerprint
+        from masksweep.tracking import log_run_inputs
+
+        cfg, tracker, directory = self.cfg, self.tracker, str(self.checkpoints.directory.absolute())
+        log_run_inputs(tracker, cfg, {"data.fingerprint": dataset_fingerprint(self.train_set)})
+        if self.reporter is not None:
+            self.reporter.set_user_attr(CHECKPOINT_DIR_ATTR, directory)
+        if self.plan.previous is not None:  # the dead attempt could not end its own run
+            tracker.fail_abandoned(cfg.optuna.study_name, self.plan.previous[0], self.reporter.number)
+        resumed = self.plan.resume_from
         tracker.set_tags(
             {
-                "masksweep.checkpoint_dir": str(checkpoints.directory.absolute()),
-                **({"masksweep.resumed_from": str(resume_from)} if resume_from else {}),
+                "masksweep.checkpoint_dir": directory,
+                **({"masksweep.resumed_from": str(resumed)} if resumed else {}),
             }
         )
-        for row in progress.history:  # a resumed run carries the whole curve
+        for row in self.state.history:  # a resumed run carries the whole curve
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        resumed_after_the_last_epoch = progress.epoch >= cfg.epochs
-        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-            tic = time.perf_counter()
-            try:
-                means, steps_end = engine.train_one_epoch(
-                    model,
-                    optimizer,
-                    train_loader,
-                    device,
-                    epoch,
-                    progress.global_step,
-                    detector,
-                    options,
-                    warmup=warmup,
-                    scaler=scaler,
-                    on_log=lambda step, values: tracker.log_metrics(
-                        {f"train/{k}": v for k, v in values.items()}, step
-                    ),
-                )
-            except TrialStopped as stop:
-                if cfg.divergence.action == "fail":
-                    raise MasksweepError(f"trial diverged at step {stop.step}: {stop.reason}") from stop
-                raise
-            seconds = time.perf_counter() - tic
-            images = (steps_end - progress.global_step) * cfg.trainer.batch_size
-            if scheduler is not None:
-                scheduler.step()
-            val = engine.evaluate(
-                model,
-                val_loader,
-                device,
-                evaluator,
-                cfg.trainer.limit_val_batches,
-                on_batch=overlays if epoch == cfg.epochs else None,
-            )
-            row = {
-                "epoch": epoch,
-                **{f"train/epoch_{k}": v for k, v in means.items()},
-                **{f"val/{k}": v for k, v in val.items()},
-                "time/epoch_seconds": seconds,
-                "time/images_per_second": images / seconds,
-            }
-            improved = row[cfg.optimized_metric] > progress.best
-            progress = Progress(
-                epoch, steps_end, max(progress.best, row[cfg.optimized_metric]), [*progress.history, row]
-            )
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            tracker.flush()
-            checkpoints.save(
-                {
-                    **{k: m.state_dict() for k, m in stateful.items() if m is not None},
-                    "rng": checkpoint.rng_state(generator),
-                    "progress": asdict(progress),
-                    "model_config": model_cfg_without_pretrain(model_cfg),
-                    "config": OmegaConf.to_yaml(redacted_config(cfg)),
-                },
-                improved,
-                final=epoch == cfg.epochs,
-            )
-            log.info(
-                "epoch %d/%d  loss %.4f  AP bbox %.3f  AP segm %.3f  IoU %.3f  (%.1fs)",
-                epoch,
-                cfg.epochs,
-                means["loss"],
-                val["ap_bbox"],
-                val["ap_segm"],
-                val["iou_global"],
-                seconds,
-            )
-            if reporter is not None:
-                reporter.report(row[cfg.optimized_metric], epoch)
+        if self.reporter is not None and self.state.history:  # its Optuna trial too (the pruner may act)
+            self.reporter.resume({int(r["epoch"]): r[cfg.optimized_metric] for r in self.state.history})
 
-        last = progress.history[-1]
+    def run_epoch(self, epoch: int) -> None:
+        """Train, evaluate, record, checkpoint, and report to the sweep (which may prune)."""
+        cfg, state = self.cfg, self.state
+        tic = time.perf_counter()
+        try:
+            means, steps_end = engine.train_one_epoch(
+                self.model,
+                self.optimizer,
+                self.train_loader,
+                self.device,
+                epoch,
+                state.global_step,
+                self.detector,
+                self.options,
+                warmup=self.warmup,
+                scaler=self.scaler,
+                on_log=self._log_step,
+            )
+        except TrialStopped as stop:
+            if cfg.divergence.action == "fail":
+                raise MasksweepError(f"trial diverged at step {stop.step}: {stop.reason}") from stop
+            raise
+        seconds = time.perf_counter() - tic
+        images = (steps_end - state.global_step) * cfg.trainer.batch_size
+        if self.scheduler is not None:
+            self.scheduler.step()
+        val = self._evaluate(self.overlays if epoch == cfg.epochs else None)
+        row = {
+            "epoch": epoch,
+            **{f"train/epoch_{k}": v for k, v in means.items()},
+            **{f"val/{k}": v for k, v in val.items()},
+            "time/epoch_seconds": seconds,
+            "time/images_per_second": images / seconds,
+        }
+        improved = row[cfg.optimized_metric] > state.best
+        self.state = TrialState(
+            epoch, steps_end, max(state.best, row[cfg.optimized_metric]), [*state.history, row]
+        )
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        self.tracker.flush()
+        self.checkpoints.save(self._checkpoint(), improved, final=epoch == cfg.epochs)
+        log.info(
+            "epoch %d/%d  loss %.4f  AP bbox %.3f  AP segm %.3f  IoU %.3f  (%.1fs)",
+            epoch,
+            cfg.epochs,
+            means["loss"],
+            val["ap_bbox"],
+            val["ap_segm"],
+            val["iou_global"],
+            seconds,
+        )
+        if self.reporter is not None:
+            self.reporter.report(row[cfg.optimized_metric], epoch)
+
+    def _log_step(self, step: int, values: dict[str, float]) -> None:
+        self.tracker.log_metrics({f"train/{k}": v for k, v in values.items()}, step)
+
+    def _evaluate(self, on_batch: Any = None) -> dict[str, float]:
+        return engine.evaluate(
+            self.model,
+            self.val_loader,
+            self.device,
+            self.evaluator,
+            self.cfg.trainer.limit_val_batches,
+            progress=self.options.progress,
+            on_batch=on_batch,
+        )
+
+    def _checkpoint(self) -> dict[str, Any]:
+        from omegaconf import OmegaConf
+
+        from masksweep import checkpoint
+        from masksweep.tracking import redacted_config
+
+        return {
+            **{k: m.state_dict() for k, m in self.stateful.items() if m is not None},
+            "rng": checkpoint.rng_state(self.generator),
+            "progress": asdict(self.state),
+            "model_config": model_cfg_without_pretrain(self.plan.model_cfg),
+            "config": OmegaConf.to_yaml(redacted_config(self.cfg)),
+        }
+
+    def finish(self) -> dict[str, float]:
+        """The final metrics, the last checkpoint on disk, and the run's artifacts."""
+        from masksweep.artifacts import save_curves, save_overlays
+
+        cfg, tracker, checkpoints, evaluator = self.cfg, self.tracker, self.checkpoints, self.evaluator
+        last = self.state.history[-1]
         final = {
             "final/loss_last_epoch": last["train/epoch_loss"],
             "final/loss_classifier_last_epoch": last["train/epoch_loss_classifier"],
-            f"final/best_{cfg.optimized_metric.removeprefix('val/')}": progress.best,
+            f"final/best_{cfg.optimized_metric.removeprefix('val/')}": self.state.best,
             **{k: v for k, v in last.items() if k.startswith("val/")},
         }
         tracker.log_metrics({k: v for k, v in final.items() if k.startswith("final/")}, step=cfg.epochs)
-        if resumed_after_the_last_epoch and (cfg.tracking.enabled or cfg.eval.export_predictions):
-            # No evaluation ran in this process to draw the overlays from or to export.
-            limit = cfg.trainer.limit_val_batches
-            engine.evaluate(model, val_loader, device, evaluator, limit, on_batch=overlays)
+        if self.resumed_after_the_last_epoch and (cfg.tracking.enabled or cfg.eval.export_predictions):
+            self._evaluate(self.overlays)  # no evaluation ran in this process to draw from or to export
         checkpoints.finish()
+        # The results JSON in the source dataset's ids and frame, for pycocotools or a paper's tooling.
+        export = None
+        if cfg.eval.export_predictions:
+            export = evaluator.write_results(checkpoints.directory / "predictions.json")
         if cfg.tracking.enabled:
             with tempfile.TemporaryDirectory() as tmp:
                 tmp_dir = Path(tmp)
-                save_overlays(
-                    overlays.samples, tmp_dir / "overlays", cfg.eval.score_threshold, cfg.eval.mask_threshold
-                )
+                thresholds = cfg.eval.score_threshold, cfg.eval.mask_threshold
+                save_overlays(self.overlays.samples, tmp_dir / "overlays", *thresholds)
                 tracker.log_artifact(tmp_dir / "overlays", "overlays")
-                tracker.log_artifact(save_curves(progress.history, tmp_dir / "curves.png"))
-                if cfg.eval.export_predictions:
-                    tracker.log_artifact(evaluator.write_results(tmp_dir / "predictions.json"))
+                tracker.log_artifact(save_curves(self.state.history, tmp_dir / "curves.png"))
+                if export is not None:
+                    tracker.log_artifact(export)
                 if cfg.tracking.log_model and checkpoints.best.is_file():
                     tracker.log_artifact(checkpoints.best, "checkpoints")
-        if cfg.eval.export_predictions:
-            evaluator.write_results(checkpoints.directory / "predictions.json")
-    final["run_id"] = tracker.run_id  # type: ignore[assignment]
+        log.info(
+            "MLflow run %s; run directory %s%s",
+            tracker.run_id or "(tracking=none)",
+            checkpoints.directory.absolute(),
+            "" if export is None else f"; predictions {export.absolute()}",
+        )
+        return final
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train and evaluate one trial. Returns the final metrics; raises TrialStopped on prune or divergence."""
+    trial = Trial(cfg, preflight(cfg))
+    with trial.tracker.recording(), trial.checkpoints:
+        trial.begin()
+        for epoch in trial.epochs():
+            trial.run_epoch(epoch)
+        final = trial.finish()
+    final["run_id"] = trial.tracker.run_id  # type: ignore[assignment]
     return final
 
 
@@ -339,11 +470,24 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
 def main(cfg: DictConfig) -> float | None:
     """Run one trial; return the optimized metric to the sweeper."""
     try:
-        metrics = train(cfg)
+        with signals_raise():  # SIGTERM, like Ctrl-C, ends the MLflow run KILLED rather than RUNNING
+            metrics = train(cfg)
+    except KeyboardInterrupt as exc:
+        if cfg.optuna.trial_number is not None:
+            raise  # the Optuna sweeper records the trial FAIL, to be retried
+        name = exc.name if isinstance(exc, Interrupted) else "SIGINT"
+        print(
+            f"masksweep-train: stopped by {name}; its MLflow run, if started, is KILLED, and resume= "
+            "continues from its last finished epoch",
+            file=sys.stderr,
+        )
+        if _full_error():
+            raise
+        raise SystemExit(exc.exit_status if isinstance(exc, Interrupted) else 130) from None
     except MasksweepError as exc:
         if cfg.optuna.trial_number is not None:
             raise  # the Optuna sweeper turns it into PRUNED (stopped) or FAIL

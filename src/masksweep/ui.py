@@ -14,7 +14,15 @@ import urllib.request
 from pathlib import Path
 
 from masksweep.errors import TrackingError
-from masksweep.tracking import default_store, redact_uri, sqlite_path
+from masksweep.tracking.store import (
+    CLI_OPTION,
+    check_store,
+    default_store,
+    redact_uri,
+    resolve_uri,
+    setting_text,
+    sqlite_path,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 START_TIMEOUT = 120.0
@@ -125,11 +133,14 @@ def serve(
 ) -> int:
     """Run the UI until Ctrl-C (or SIGTERM). Prints the URL (on stdout) once it answers."""
     out, err = out or sys.stdout, err or sys.stderr
+    tracking_uri, setting = resolve_uri(tracking_uri, CLI_OPTION)  # $MLFLOW_TRACKING_URI when not given
     if tracking_uri is not None and tracking_uri.startswith(("http://", "https://")):
         raise TrackingError(
-            f"--tracking-uri {redact_uri(tracking_uri)} is already an MLflow server: open it "
-            "in a browser (masksweep ui serves a database or the embedded store)"
+            f"{setting_text(setting, tracking_uri)} is already an MLflow server: open it in a browser "
+            "(masksweep ui serves a database or the embedded store)"
         )
+    if tracking_uri is not None:
+        check_store(tracking_uri, CLI_OPTION)
     if not (1 <= port <= 65535):
         raise TrackingError(f"--port {port} is invalid; allowed: 1-65535")
     try:

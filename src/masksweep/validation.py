@@ -6,10 +6,10 @@ from omegaconf import DictConfig
 
 from masksweep.errors import ConfigError
 from masksweep.metrics import METRIC_KEYS
+from masksweep.progress import DEFAULT_EVERY_S
 
 OPTIMIZERS = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
 SCHEDULERS = {"torch.optim.lr_scheduler.StepLR", "torch.optim.lr_scheduler.CosineAnnealingLR"}
-ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 DIVERGENCE_ACTIONS = ("prune", "fail")
@@ -22,6 +22,10 @@ def _number(cfg: DictConfig, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(key, value, "a number")
     return float(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_range(key: str, value: float, ok: bool, allowed: str) -> None:
@@ -63,6 +67,8 @@ def validate(cfg: DictConfig) -> None:
         "an integer >= 0",
     )
 
+    from masksweep.model import ARCHS  # torchvision's detection modules: imported only when checking
+
     if cfg.model.arch not in ARCHS:
         raise ConfigError("model.arch", cfg.model.arch, ", ".join(ARCHS))
     device = str(cfg.device)
@@ -74,6 +80,27 @@ def validate(cfg: DictConfig) -> None:
     _check_range(
         "trainer.batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1"
     )
+    # .get: a run logged before these keys existed replays (`masksweep reproduce`) with their defaults.
+    every_s = cfg.trainer.get("progress_every_s", DEFAULT_EVERY_S)
+    _check_range(
+        "trainer.progress_every_s", every_s, _is_number(every_s) and every_s > 0, "a number of seconds > 0"
+    )
+    every_n = cfg.trainer.get("progress_every_n_steps")
+    _check_range(
+        "trainer.progress_every_n_steps",
+        every_n,
+        every_n is None or (isinstance(every_n, int) and not isinstance(every_n, bool) and every_n >= 1),
+        "null or an integer >= 1",
+    )
+    max_loss = cfg.divergence.max_loss
+    _check_range(
+        "divergence.max_loss",
+        max_loss,
+        max_loss is None or (_is_number(max_loss) and max_loss > 0),
+        "null (off) or a number > 0",
+    )
+    factor = cfg.divergence.factor
+    _check_range("divergence.factor", factor, _is_number(factor) and factor > 1, "a number > 1")
     if cfg.divergence.action not in DIVERGENCE_ACTIONS:
         raise ConfigError("divergence.action", cfg.divergence.action, ", ".join(DIVERGENCE_ACTIONS))
     if cfg.eval.backend not in EVAL_BACKENDS:

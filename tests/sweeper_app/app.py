@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from masksweep.errors import TrialDiverged
-from masksweep.pruning import TrialReporter
+from masksweep.study import TrialReporter
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -1,8 +1,11 @@
-"""The sweep: ask Optuna for a trial, launch it through Hydra's launcher, tell Optuna how it ended.
+"""The sweep: ask Optuna for trials, launch them through Hydra's launcher, tell Optuna how they ended.
 
-One sweeper process runs one trial at a time. Parallelism comes from running the same sweep command several
-times (one process per GPU with CUDA_VISIBLE_DEVICES, or on several machines with a PostgreSQL storage): every
-process is a worker of the same study, so a slow trial never holds the others back (no lock-step batches).
+Each round a worker asks `hydra.sweeper.n_jobs` trials (default 1) and launches them as one batch through the
+configured launcher, as Hydra's Optuna sweeper does: joblib runs them as processes, submitit as SLURM jobs
+(`submitit_local` is the same code path without a scheduler). Running the same sweep command several times
+(one process per GPU, or on several machines with a PostgreSQL storage) adds workers to the same study.
+Everything study-wide (its MLflow parent run, its live workers, its one summary) is kept in the study itself
+(masksweep.study.registry), so workers never need to start apart.
 
 Budget rule (`n_trials` is the study's total, not per process). Under the study's ask lock, a worker:
   1. fails stale RUNNING trials (dead workers) and re-enqueues them as WAITING retries;
@@ -42,10 +45,20 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from masksweep.errors import MasksweepError, TrialDiverged, TrialStopped
+from masksweep.interrupts import signals_raise
+from masksweep.study import carry_intermediate_values
+from masksweep.study import storage as B
+from masksweep.study.heartbeat import (
+    HeartbeatThread,
+    WorkerIdentity,
+    fail_and_retry,
+    reap_stale_trials,
+    superseded_numbers,
+)
+from masksweep.study.registry import SUMMARY_ATTR, StudyRegistry
+from masksweep.tracking.parent import StudyParent
 
-from . import _backend as B
-from ._heartbeat import HeartbeatThread, WorkerIdentity, fail_and_retry, reap_stale_trials, superseded_numbers
-from ._results import budget_used, count_trials, save_plots, summarize, write_results
+from ._results import budget_used, count_trials, save_plots, summarize, trial_label, write_results
 from ._space import SearchSpace, SearchSpaceError, grid_space, parse_search_space, quote
 
 if TYPE_CHECKING:
@@ -56,6 +69,8 @@ log = logging.getLogger(__name__)
 
 # The job-config keys that carry the trial's identity (conf/train.yaml's `optuna:` block).
 IDENTITY_KEYS = ("optuna.storage", "optuna.study_name", "optuna.trial_number")
+TRIAL_NAME_ATTR = "trial_name"  # user attr: the report's name of a trial (`trial4`), for optuna-dashboard
+STUDY_DIR_ATTR = "masksweep:sweep_dir"  # study: the first worker's sweep dir, where the one summary goes
 _ERROR_CHARS = 2000
 
 
@@ -82,6 +97,8 @@ class Settings:
     wait_for_running: bool = True
     n_jobs: int | None = None
     params: dict[str, Any] | None = None
+    check_config: str | None = None
+    study_parent_run: bool = True
 
     def __post_init__(self) -> None:
         self.direction = str(self.direction).lower()
@@ -107,11 +124,12 @@ class Settings:
                 f"hydra.sweeper.grace_period={self.grace_period} must exceed heartbeat_interval="
                 f"{self.heartbeat_interval}, or live trials would be taken for stale ones"
             )
-        if self.n_jobs not in (None, 1):
-            log.warning(
-                "hydra.sweeper.n_jobs=%s is ignored: run the sweep command once per worker (e.g. one per "
-                "GPU); all of them share the study",
-                self.n_jobs,
+        if self.n_jobs is None:
+            self.n_jobs = 1
+        if isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int) or self.n_jobs < 1:
+            raise SweepError(
+                f"hydra.sweeper.n_jobs={self.n_jobs!r} is invalid; allowed: an integer >= 1 (trials launched "
+                "together through hydra/launcher)"
             )
 
     @classmethod
@@ -130,6 +148,7 @@ class Outcome:
     value: float | None = None
     user_attrs: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    retry: bool = False  # FAIL, then enqueue the same params again (the job was interrupted by a signal)
 
 
 def _finite_or_text(value: float | None) -> float | str | None:
@@ -170,6 +189,12 @@ def _is(exc: BaseException, cls: type[BaseException]) -> bool:
     return isinstance(exc, cls) or any(c.__name__ == cls.__name__ for c in type(exc).__mro__)
 
 
+def interrupted(exc: BaseException) -> bool:
+    """A job stopped by SIGINT / SIGTERM (KeyboardInterrupt, or the trial's own *Interrupted error): nothing
+    is wrong with its params, so the trial is retried."""
+    return any("Interrupt" in c.__name__ for c in type(exc).__mro__)
+
+
 def classify(ret: JobReturn, metric: str | None = None) -> Outcome:
     """How a launched job ended, in Optuna's terms."""
     if ret.status == JobStatus.COMPLETED:
@@ -194,6 +219,9 @@ def classify(ret: JobReturn, metric: str | None = None) -> Outcome:
             attrs = {"pruned_reason": reason, "pruned_step": getattr(exc, "step", None)}
             return Outcome(TrialState.PRUNED, user_attrs=attrs, message=f"pruned: {reason}")
         text = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+        if interrupted(exc):
+            attrs = {"error": text}
+            return Outcome(TrialState.FAIL, user_attrs=attrs, message=f"interrupted: {text}", retry=True)
         return Outcome(TrialState.FAIL, user_attrs={"error": text}, message=text)
     why = f"job ended with status {ret.status.name}: {exc!r:.200}"
     return Outcome(TrialState.FAIL, user_attrs={"error": why}, message=why)
@@ -264,12 +292,19 @@ def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
     raise SearchSpaceError(f"{name}: unsupported distribution {dist!r}")
 
 
-def default_study_name(job_name: str, space: SearchSpace, direction: str) -> str:
-    """<job name>-<8 hex>: stable for the same command, so re-running it resumes the study."""
+def default_study_name(name: str, space: SearchSpace, direction: str) -> str:
+    """<sweep name>-<6 hex>, e.g. `lr_wd-3fa2c1`: readable, and stable for the same command, so re-running it
+    resumes the study while other overrides (`optimizer=adamw`) get their own."""
     key = json.dumps(
         {"space": space.describe(), "fixed": sorted(space.fixed), "direction": direction}, sort_keys=True
     )
-    return f"{job_name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+
+
+def sweep_name(config: DictConfig) -> str:
+    """The selected `sweep=NAME` overlay, else the job name."""
+    choice = OmegaConf.select(config, "hydra.runtime.choices.sweep", default=None)
+    return str(choice) if choice else str(config.hydra.job.name)
 
 
 # ---------------------------------------------------------------------------------------------- the sweeper
@@ -293,6 +328,73 @@ class MasksweepOptunaSweeperImpl:
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         s = self.settings
+        space, sampler_name, n_trials = self._check_space(arguments)
+        study_name = s.study_name or default_study_name(sweep_name(self.config), space, s.direction)
+        try:
+            self.spec = B.parse_storage(s.storage, study_name)
+        except B.StorageSpecError as err:
+            raise SweepError(str(err)) from err
+        self.sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
+        study, worker_index, existing = self._open_study(study_name)
+        self.study = study
+        self.registry = StudyRegistry(self.storage, study_name, self.lock)
+        log.info(
+            "study %s: %d trials so far, budget n_trials=%d, sampler %s, pruner %s, worker %d, n_jobs %d",
+            study_name,
+            existing,
+            n_trials,
+            sampler_name,
+            B.pruner_spec(s.pruner)["name"],
+            worker_index,
+            s.n_jobs,
+        )
+        log.info("  open it: %s", self.spec.dashboard_hint(study_name))
+        for name, dist in space.distributions.items():
+            log.info("  %s: %r", name, dist)
+
+        grace = float(s.grace_period or 0)
+        self._launched = False
+        others_live = bool(self.registry.live_workers(self.me, grace))
+        self.registry.join(self.me)
+        self.heartbeat = HeartbeatThread(
+            self.storage, self.spec.kind, s.heartbeat_interval, on_beat=lambda: self.registry.beat(self.me)
+        )
+        self.heartbeat.start()
+        returns: list[Sequence[JobReturn]] = []
+        self.parent: StudyParent | None = None
+        error: BaseException | None = None
+        try:
+            # `kill <sweeper>` stops the sweep as Ctrl-C does (its trials FAIL and are queued again) instead
+            # of ending the process where it stands, with the parent run and the trials left RUNNING.
+            with signals_raise():
+                study_dir, _ = self.registry.claim(STUDY_DIR_ATTR, lambda: str(self.sweep_dir.absolute()))
+                self.study_dir = Path(study_dir) if Path(study_dir).is_dir() else self.sweep_dir
+                if s.study_parent_run:
+                    self.parent = StudyParent.open(
+                        self.config,
+                        self.registry,
+                        study_name,
+                        self.spec.describe(),
+                        self.sweep_dir,
+                        others_live,
+                    )
+                self._loop(returns)
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            self.heartbeat.stop()
+            try:
+                self._end(error)
+            finally:
+                self.lock.close()
+        return returns
+
+    def _check_space(self, arguments: list[str]) -> tuple[SearchSpace, str, int]:
+        """Everything about the search space that can be wrong, checked before any storage or run is made."""
+        s = self.settings
         try:
             space = parse_search_space(s.params, arguments)
         except SearchSpaceError as err:
@@ -314,17 +416,47 @@ class MasksweepOptunaSweeperImpl:
                 log.info("sampler grid has %d points: n_trials %d -> %d", size, n_trials, size)
                 n_trials = size
         self.space, self.n_trials = space, n_trials
-        build_sampler(s.sampler, space, 0)  # fail on a sampler/space mismatch before touching the storage
-
-        study_name = s.study_name or default_study_name(str(self.config.hydra.job.name), space, s.direction)
+        build_sampler(s.sampler, space, 0)  # a sampler/space mismatch
         try:
-            self.spec = B.parse_storage(s.storage, study_name)
-        except B.StorageSpecError as err:
-            raise SweepError(str(err)) from err
-        self.sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
+            B.pruner_spec(s.pruner)
+        except ValueError as err:
+            raise SweepError(str(err)) from None
+        self._probe_configs(space)
+        return space, sampler_name, n_trials
 
+    def _probe_configs(self, space: SearchSpace) -> None:
+        """Compose (and check with `check_config`) a job config at every choice and both ends of every range,
+        so `lr=choice(-1)` or `optimizer=choice(sgd, foo)` stops the sweep before its first trial."""
+        assert self.hydra_context is not None and self.config is not None
+        check = _load_check(self.settings.check_config)
+        base = {name: _probe_values(dist)[0] for name, dist in space.distributions.items()}
+        probes = [
+            (name, value, {**base, name: value})
+            for name, dist in space.distributions.items()
+            for value in _probe_values(dist)
+        ] or [(None, None, {})]
+        for name, value, params in probes:
+            overrides = space.job_overrides(params)
+            where = "the fixed overrides" if name is None else f"{name}={value}"
+            try:
+                job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            except Exception as err:
+                raise SweepError(f"search space: {where} does not compose: {_one_line(err)}") from None
+            if check is not None:
+                try:
+                    with read_write(job_cfg), open_dict(job_cfg):
+                        check(job_cfg)
+                except MasksweepError as err:
+                    raise SweepError(f"search space: {where}: {err}") from None
+                except Exception as err:
+                    raise SweepError(
+                        f"hydra.sweeper.check_config={self.settings.check_config} cannot check this app's "
+                        f"config ({type(err).__name__}: {_one_line(err)}); allowed: a check for this app, or "
+                        "null"
+                    ) from None
+
+    def _open_study(self, study_name: str) -> tuple[optuna.Study, int, int]:
+        s = self.settings
         retry_cb = None
         if self.spec.kind == "rdb":
             with warnings.catch_warnings():
@@ -356,40 +488,12 @@ class MasksweepOptunaSweeperImpl:
                     self.storage.set_study_system_attr(study_id, B.PRUNER_ATTR, pruner)
                 worker_index = int(attrs.get(B.WORKERS_ATTR, 0))
                 self.storage.set_study_system_attr(study_id, B.WORKERS_ATTR, worker_index + 1)
-                study.sampler = build_sampler(s.sampler, space, worker_index)
+                study.sampler = build_sampler(s.sampler, self.space, worker_index)
                 existing = len(study.get_trials(deepcopy=False))
         except BaseException:
             self.lock.close()
             raise
-        self.study = study
-        log.info(
-            "study %s (%s): %d trials so far, budget n_trials=%d, sampler %s, pruner %s, worker %d",
-            study_name,
-            self.spec.describe(),
-            existing,
-            n_trials,
-            sampler_name,
-            pruner["name"],
-            worker_index,
-        )
-        for name, dist in space.distributions.items():
-            log.info("  %s: %r", name, dist)
-
-        heartbeat = HeartbeatThread(self.storage, self.spec.kind, s.heartbeat_interval)
-        self.heartbeat = heartbeat
-        heartbeat.start()
-        returns: list[Sequence[JobReturn]] = []
-        try:
-            self._loop(returns)
-        except FailureRateExceeded as err:
-            heartbeat.stop()
-            self._finish(status="aborted", message=str(err))
-            raise
-        finally:
-            heartbeat.stop()
-            self.lock.close()
-        self._finish(status=self._status())
-        return returns
+        return study, worker_index, existing
 
     def _check_direction(self, study: optuna.Study) -> None:
         if len(study.directions) != 1:
@@ -403,24 +507,19 @@ class MasksweepOptunaSweeperImpl:
                 f"hydra.sweeper.direction is {self.settings.direction}; use another hydra.sweeper.study_name"
             )
 
-    def _status(self) -> str:
-        trials = self.study.get_trials(deepcopy=False)
+    def _done(self, trials: list[FrozenTrial]) -> bool:
         c = count_trials(trials)
-        return (
-            "finished"
-            if c.running == 0 and c.waiting == 0 and budget_used(trials) >= self.n_trials
-            else "partial"
-        )
+        return c.running == 0 and c.waiting == 0 and budget_used(trials) >= self.n_trials
 
     # ------------------------------------------------------------------ loop
     def _loop(self, returns: list[Sequence[JobReturn]]) -> None:
         poll = float(min(self.settings.heartbeat_interval, 10))
         told_waiting = False
         while True:
-            trial = self._claim()
-            if trial is not None:
+            batch = self._claim()
+            if batch:
                 told_waiting = False
-                returns.append(self._run(trial))
+                returns.append(self._run(batch))
                 self._check_failure_rate()
                 continue
             # Only trials run by masksweep workers: those beat, so a dead worker's trial is found and retried.
@@ -442,35 +541,48 @@ class MasksweepOptunaSweeperImpl:
                 told_waiting = True
             time.sleep(poll)
 
-    def _claim(self) -> optuna.Trial | None:
-        """Under the ask lock: reap stale trials, apply the budget rule, ask and suggest every param."""
+    def _claim(self) -> list[optuna.Trial]:
+        """Under the ask lock: reap stale trials, then ask up to n_jobs trials within the budget."""
         s, study, storage = self.settings, self.study, self.storage
+        batch: list[optuna.Trial] = []
         with self.lock.hold():
             reap_stale_trials(
                 study, storage, self.spec.kind, self.me, float(s.grace_period or 0), s.max_retry
             )
-            trials = study.get_trials(deepcopy=False)
-            self._check_failure_rate(trials)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if not waiting and (budget_used(trials) >= self.n_trials or self._grid_left(trials) == 0):
-                return None
-            with warnings.catch_warnings():
-                # RDB heartbeats are meant for Study.optimize(); here the sweeper beats itself.
-                warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                trial = study.ask()
-            self.storage.set_trial_system_attr(trial._trial_id, B.WORKER_ATTR, self.me.as_attr())
-            self.heartbeat.beat(trial._trial_id)
-            try:
-                for name, dist in self.space.distributions.items():
-                    _suggest(trial, name, dist)
-            except Exception as err:
-                msg = f"could not suggest params for trial {trial.number}: {err}"
-                trial.set_user_attr("error", msg[:_ERROR_CHARS])
-                study.tell(trial, state=TrialState.FAIL)
-                raise SweepError(f"{msg} (did the search space change since the study started?)") from err
-            if not self.lock.exact and self._is_surplus(trial):
-                return None
-            return trial
+            self._check_failure_rate()
+            while len(batch) < int(s.n_jobs or 1):
+                trial = self._ask()
+                if trial is None:
+                    break
+                batch.append(trial)
+        return batch
+
+    def _ask(self) -> optuna.Trial | None:
+        """Apply the budget rule, ask and suggest every param (the caller holds the ask lock)."""
+        study = self.study
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and (budget_used(trials) >= self.n_trials or self._grid_left(trials) == 0):
+            return None
+        with warnings.catch_warnings():
+            # RDB heartbeats are meant for Study.optimize(); here the sweeper beats itself.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask()
+        self.storage.set_trial_system_attr(trial._trial_id, B.WORKER_ATTR, self.me.as_attr())
+        self.heartbeat.track(trial._trial_id)
+        try:
+            for name, dist in self.space.distributions.items():
+                _suggest(trial, name, dist)
+        except Exception as err:
+            self.heartbeat.untrack(trial._trial_id)
+            msg = f"could not suggest params for trial {trial.number}: {err}"
+            trial.set_user_attr("error", msg[:_ERROR_CHARS])
+            study.tell(trial, state=TrialState.FAIL)
+            raise SweepError(f"{msg} (did the search space change since the study started?)") from err
+        if not self.lock.exact and self._is_surplus(trial):
+            self.heartbeat.untrack(trial._trial_id)
+            return None
+        return trial
 
     def _grid_left(self, trials: list[FrozenTrial]) -> int | None:
         """Grid points not yet handed to any trial; None when the sampler is not grid."""
@@ -510,91 +622,129 @@ class MasksweepOptunaSweeperImpl:
                 "Fix the cause and run the same command again to resume the study."
             )
 
-    # ------------------------------------------------------------------ one trial
+    # ------------------------------------------------------------------ one batch
     def _job_overrides(self, trial: optuna.Trial) -> list[str]:
         identity = [
             f"++optuna.storage={quote(self.spec.url)}",
             f"++optuna.study_name={quote(self.study.study_name)}",
             f"++optuna.trial_number={trial.number}",
         ]
-        return [*self.space.job_overrides(trial.params), *identity]
+        # A batch's trial numbers need not be consecutive (a retry popped from the queue, another worker's
+        # asks), but the launcher numbers its jobs consecutively: keep each trial's own directory.
+        assert self.config is not None
+        raw = OmegaConf.to_container(self.config.hydra.sweep, resolve=False).get("subdir")
+        keep_dir = [f"hydra.sweep.subdir={trial.number}"] if raw == "${hydra.job.num}" else []
+        return [*self.space.job_overrides(trial.params), *keep_dir, *identity]
 
-    def _run(self, trial: optuna.Trial) -> Sequence[JobReturn]:
+    def _run(self, batch: list[optuna.Trial]) -> Sequence[JobReturn]:
+        """Launch the batch as one `launcher.launch` call; tell Optuna how each trial ended."""
         assert self.launcher is not None and self.hydra_context is not None and self.config is not None
-        overrides = self._job_overrides(trial)
-        retry_of = self.storage.get_trial(trial._trial_id).system_attrs.get(B.RETRY_FROM_ATTR)
-        log.info(
-            "trial %d%s: %s",
-            trial.number,
-            f" (retry of {retry_of})" if retry_of is not None else "",
-            " ".join(overrides[: len(overrides) - len(IDENTITY_KEYS)]),
-        )
-        self.heartbeat.track(trial._trial_id)
-        try:
+        jobs: list[list[str]] = []
+        results: dict[int, JobReturn] = {}
+        for trial in batch:
+            overrides = self._job_overrides(trial)
             try:
                 # Compose first, so a bad param value fails this trial instead of the whole sweep.
-                self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             except Exception as err:
                 ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
                 ret._return_value = err
-                returns: Sequence[JobReturn] = [ret]
-            else:
-                returns = self.launcher.launch([overrides], initial_job_idx=trial.number)
+                results[trial.number] = ret
+                continue
+            name = OmegaConf.select(job_cfg, "trial_name", default=None)
+            if name:
+                trial.set_user_attr(TRIAL_NAME_ATTR, str(name))
+            retry_of = self.storage.get_trial(trial._trial_id).system_attrs.get(B.RETRY_FROM_ATTR)
+            log.info(
+                "%s%s: %s",
+                trial_label(trial.number, name),
+                f" (retry of #{retry_of})" if retry_of is not None else "",
+                " ".join(self.space.job_overrides(trial.params)),
+            )
+            jobs.append(overrides)
+        launched = [t for t in batch if t.number not in results]
+        self._launched = self._launched or bool(launched)
+        try:
+            returns = list(self.launcher.launch(jobs, initial_job_idx=launched[0].number)) if launched else []
         except BaseException as err:
-            # Ctrl-C or a launcher failure: fail the trial and queue it again, so a resumed sweep re-runs it.
+            # Ctrl-C, SIGTERM or a launcher failure (e.g. a joblib worker killed): fail the trials and queue
+            # them again, so a resumed sweep re-runs them.
             self.heartbeat.untrack()
-            frozen = self.storage.get_trial(trial._trial_id)
-            if frozen.state == TrialState.RUNNING:
-                fail_and_retry(
-                    self.study,
-                    self.storage,
-                    frozen,
-                    f"interrupted: {type(err).__name__}: {err}",
-                    self.settings.max_retry,
-                )
+            for trial in launched:
+                frozen = self.storage.get_trial(trial._trial_id)
+                if frozen.state == TrialState.RUNNING:
+                    fail_and_retry(
+                        self.study,
+                        self.storage,
+                        frozen,
+                        f"interrupted: {type(err).__name__}: {_one_line(err)}",
+                        self.settings.max_retry,
+                    )
+            if isinstance(err, Exception) and not isinstance(err, MasksweepError):
+                raise SweepError(
+                    f"the launcher failed: {type(err).__name__}: {_one_line(err)}; the batch's trials are "
+                    "queued again: run the same command to resume the study"
+                ) from err
             raise
         finally:
-            self.heartbeat.untrack()
-        ret = returns[0]
-        metric = OmegaConf.select(ret.cfg, "optimized_metric") if ret.cfg is not None else None
-        outcome = classify(ret, metric if isinstance(metric, str) else None)
-        self._tell(trial, outcome, ret)
-        return returns
+            for trial in batch:
+                if trial.number in results:
+                    self.heartbeat.untrack(trial._trial_id)
+        results.update({t.number: r for t, r in zip(launched, returns, strict=True)})
+        stop: Outcome | None = None
+        for trial in batch:
+            ret = results[trial.number]
+            self.heartbeat.untrack(trial._trial_id)
+            metric = OmegaConf.select(ret.cfg, "optimized_metric") if ret.cfg is not None else None
+            outcome = classify(ret, metric if isinstance(metric, str) else None)
+            self._tell(trial, outcome, ret)
+            if outcome.retry and _in_this_process(self.launcher):
+                stop = outcome
+        if stop is not None:  # the signal was meant for this process too: stop the sweep, one line
+            raise SweepInterrupted(f"sweep {stop.message}; run the same command again to resume the study")
+        return [results[t.number] for t in batch]
 
     def _tell(self, trial: optuna.Trial, outcome: Outcome, ret: JobReturn) -> None:
-        if outcome.state == TrialState.FAIL:
+        label = trial_label(trial.number, trial.user_attrs.get(TRIAL_NAME_ATTR))
+        if outcome.state == TrialState.FAIL and not outcome.retry:
             exc = ret._return_value if isinstance(ret._return_value, BaseException) else None
-            log.error("trial %d failed: %s", trial.number, outcome.message, exc_info=exc)
+            log.error("%s failed: %s", label, outcome.message, exc_info=exc)
+        # A retry resumed past epochs it did not report again: the dead attempts' values complete its curve.
+        carry_intermediate_values(self.storage, self.study._study_id, trial._trial_id)
         try:
             for key, value in outcome.user_attrs.items():
                 trial.set_user_attr(key, value)
-            if outcome.state == TrialState.COMPLETE:
+            if outcome.retry:
+                frozen = self.storage.get_trial(trial._trial_id)
+                fail_and_retry(self.study, self.storage, frozen, outcome.message, self.settings.max_retry)
+            elif outcome.state == TrialState.COMPLETE:
                 self.study.tell(trial, outcome.value)
             else:
                 self.study.tell(trial, state=outcome.state)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
             log.warning(
-                "trial %d was finished elsewhere while it ran (taken for stale?): its result is dropped (%s)",
-                trial.number,
+                "%s was finished elsewhere while it ran (taken for stale?): its result is dropped (%s)",
+                label,
                 err,
             )
             return
-        self._log_progress(trial.number, outcome)
+        self._log_progress(label, outcome)
 
-    def _log_progress(self, number: int, outcome: Outcome) -> None:
+    def _log_progress(self, label: str, outcome: Outcome) -> None:
         trials = self.study.get_trials(deepcopy=False)
         c = count_trials(trials)
         try:
             best = self.study.best_trial
-            best_text = f"best {best.value:.6g} (#{best.number})"
+            best_label = trial_label(best.number, best.user_attrs.get(TRIAL_NAME_ATTR))
+            best_text = f"best {best.value:.6g} ({best_label})"
         except ValueError:
             best_text = "no best yet"
         what = f"{outcome.value:.6g}" if outcome.state == TrialState.COMPLETE else outcome.message
         log.info(
-            "[%d/%d] trial %d %s %s | %s | %d complete, %d pruned, %d diverged, %d failed",
+            "[%d/%d] %s %s %s | %s | %d complete, %d pruned, %d diverged, %d failed, %d retried",
             c.finished,
             self.n_trials,
-            number,
+            label,
             outcome.state.name,
             what,
             best_text,
@@ -602,16 +752,52 @@ class MasksweepOptunaSweeperImpl:
             c.pruned,
             c.diverged,
             c.failed,
+            c.retried,
         )
 
     # ------------------------------------------------------------------ end
-    def _finish(self, status: str, message: str | None = None) -> None:
+    def _end(self, error: BaseException | None) -> None:
+        """This worker leaves. The study done: its one summary (by whichever worker gets there first) and
+        its parent run FINISHED. Not done: the live workers carry on; the last one ends the parent."""
+        try:
+            self.registry.leave(self.me)
+            trials = self.study.get_trials(deepcopy=False)
+            done = self._done(trials)
+            last = not self.registry.live_workers(self.me, float(self.settings.grace_period or 0))
+            if not done and not last:
+                log.info("this worker stops; the study goes on with its other live workers")
+                return
+            if not done and not self._launched:
+                return  # stopped before its first trial (e.g. the tracking store was unreachable)
+            aborted = isinstance(error, FailureRateExceeded)
+            status = "finished" if done else ("aborted" if aborted else "partial")
+            finished = count_trials(trials).finished
+            _, mine = self.registry.claim(
+                SUMMARY_ATTR,
+                lambda: {"finished": finished, "status": status, "by": self.me.id},
+                replace=lambda rec: rec.get("finished") != finished or rec.get("status") != status,
+            )
+            if mine:
+                self._write_summary(status, str(error) if aborted else None)
+            else:
+                log.info("study %s: its results were written by another worker", self.study.study_name)
+            if self.parent is not None:
+                if done:
+                    self.parent.finish(self.study_dir if mine else None)
+                else:
+                    kind = "KILLED" if error is not None and interrupted(error) else "FAILED"
+                    why = f"the study stopped before n_trials: {error or status}"
+                    self.parent.stop(kind, _one_line(why))
+        except Exception as exc:  # never hide the sweep's own outcome behind a reporting problem
+            log.warning("could not end the study's records: %s", _one_line(exc))
+
+    def _write_summary(self, status: str, message: str | None) -> None:
         try:
             summarize(self.study, self.n_trials)
-            plots = save_plots(self.study, self.sweep_dir)
+            plots = save_plots(self.study, self.study_dir)
             write_results(
                 self.study,
-                self.sweep_dir,
+                self.study_dir,
                 storage=self.spec.describe(),
                 n_trials=self.n_trials,
                 direction=self.settings.direction,
@@ -619,8 +805,46 @@ class MasksweepOptunaSweeperImpl:
                 message=message,
                 plots=plots,
             )
-        except Exception:  # never hide the sweep's own outcome behind a reporting problem
-            log.exception("could not write the sweep results to %s", self.sweep_dir)
+        except Exception:
+            log.exception("could not write the sweep results to %s", self.study_dir)
+
+
+class SweepInterrupted(SweepError):
+    """SIGINT / SIGTERM stopped the sweep; its trial was failed and queued again."""
+
+
+def _in_this_process(launcher: Any) -> bool:
+    """Hydra's basic launcher runs jobs in the sweeper's own process (a signal to the job is one to us)."""
+    return type(launcher).__name__ == "BasicLauncher"
+
+
+def _one_line(err: BaseException | str) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _probe_values(dist: BaseDistribution) -> list[Any]:
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, (IntDistribution, FloatDistribution)):
+        return [dist.low] if dist.low == dist.high else [dist.low, dist.high]
+    raise SearchSpaceError(f"unsupported distribution {dist!r}")
+
+
+def _load_check(path: str | None) -> Any:
+    """`module.function` -> the function (masksweep.validation.validate for masksweep-train)."""
+    if not path:
+        return None
+    import importlib
+
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise SweepError(
+            f"hydra.sweeper.check_config={path!r} cannot be imported ({err}); allowed: a module.function "
+            "path, or null"
+        ) from None
 
 
 def _exclude_identity_from_override_dirname(config: DictConfig) -> None:
@@ -641,4 +865,11 @@ def _exclude_identity_from_override_dirname(config: DictConfig) -> None:
         log.debug("could not exclude %s from override_dirname: %s", IDENTITY_KEYS, err)
 
 
-__all__ = ["FailureRateExceeded", "MasksweepOptunaSweeperImpl", "Settings", "SweepError", "classify"]
+__all__ = [
+    "FailureRateExceeded",
+    "MasksweepOptunaSweeperImpl",
+    "Settings",
+    "SweepError",
+    "SweepInterrupted",
+    "classify",
+]

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _backend as B
-from ._heartbeat import superseded_numbers
+from masksweep.study import storage as B
+from masksweep.study.heartbeat import superseded_numbers
 
 if TYPE_CHECKING:
     import optuna
@@ -82,6 +82,11 @@ def budget_used(trials: list[FrozenTrial]) -> int:
     return sum(1 for t in trials if t.number not in superseded and not t.system_attrs.get(B.SURPLUS_ATTR))
 
 
+def trial_label(number: int, name: Any = None) -> str:
+    """`trial4 (#3)`: the report's name next to Optuna's number, or `#3` alone."""
+    return f"{name} (#{number})" if name else f"#{number}"
+
+
 def _best(study: optuna.Study) -> FrozenTrial | None:
     try:
         return study.best_trial
@@ -103,6 +108,7 @@ def _plain(value: Any) -> Any:
 def trial_row(t: FrozenTrial) -> dict[str, Any]:
     row: dict[str, Any] = {
         "number": t.number,
+        **({"trial_name": t.user_attrs["trial_name"]} if "trial_name" in t.user_attrs else {}),
         "state": t.state.name,
         "value": t.value,
         "params": dict(t.params),
@@ -120,7 +126,12 @@ def summarize(study: optuna.Study, n_trials: int) -> tuple[Counts, FrozenTrial |
     counts = count_trials(trials)
     best = _best(study)
     if best is not None:
-        log.info("best trial %d: value %s, params %s", best.number, best.value, best.params)
+        log.info(
+            "best trial %s: value %s, params %s",
+            trial_label(best.number, best.user_attrs.get("trial_name")),
+            best.value,
+            best.params,
+        )
     else:
         log.info("no trial completed, so there is no best trial")
     log.info(
@@ -147,7 +158,7 @@ def _print_table(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTri
         return
     superseded = superseded_numbers(trials)
     table = Table(title=f"study {study.study_name}", show_lines=False)
-    for col in ("#", "state", "value", "params", "note"):
+    for col in ("trial", "state", "value", "params", "note"):
         table.add_column(col, overflow="fold")
     for t in trials:
         note = ""
@@ -164,7 +175,8 @@ def _print_table(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTri
         params = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items()
         )
-        table.add_row(f"{t.number}{mark}", t.state.name, value, params, note)
+        label = trial_label(t.number, t.user_attrs.get("trial_name"))
+        table.add_row(f"{label}{mark}", t.state.name, value, params, note)
     Console(stderr=True).print(table)
 
 

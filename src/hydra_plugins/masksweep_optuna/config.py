@@ -82,13 +82,21 @@ class MasksweepOptunaSweeperConf:
     # When the budget is spent but other workers still run trials, wait for them (and retry theirs if their
     # worker dies) before writing the final results.
     wait_for_running: bool = True
-    # Accepted for configs written for Hydra's Optuna sweeper, and ignored: run several sweeper processes
-    # instead.
+    # Trials asked together and launched as one batch through hydra/launcher (as Hydra's Optuna sweeper
+    # does): e.g. `hydra/launcher=joblib hydra.sweeper.n_jobs=4`, or submitit_slurm for SLURM jobs.
+    # null = 1. Several sweep commands on one study add up (each is a worker with its own batches).
     n_jobs: int | None = None
 
     # The search space, in Hydra's sweep grammar (same as Hydra's Optuna sweeper), e.g.
     #   lr: tag(log, interval(1e-4, 1e-2))   optimizer: choice(sgd, adam)   epochs: range(5, 10)
     params: dict[str, str] | None = None
+
+    # A `module.function` called with the job config composed at every choice and both ends of every
+    # range before the study starts; it raises (a MasksweepError) to reject the search space in one line.
+    check_config: str | None = "masksweep.validation.validate"
+    # The study keeps one MLflow parent run for all its workers and reruns (masksweep.tracking.parent);
+    # masksweep's SweepRunCallback then makes none of its own.
+    study_parent_run: bool = True
 
 
 ConfigStore.instance().store(

@@ -6,7 +6,10 @@ so optuna is only imported when a sweep actually begins.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hydra.plugins.sweeper import Sweeper
 
@@ -16,44 +19,37 @@ if TYPE_CHECKING:
 
     from ._impl import MasksweepOptunaSweeperImpl
 
+T = TypeVar("T")
+
+
+def _one_line_errors(call: Callable[[], T]) -> T:
+    """A bad setting or search space is one line and exit status 1 (Ctrl-C / SIGTERM: 130), not Hydra's
+    traceback: SystemExit passes through Hydra's error reporting. HYDRA_FULL_ERROR=1 shows the traceback."""
+    from masksweep.errors import MasksweepError
+
+    try:
+        return call()
+    except MasksweepError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        from ._impl import SweepInterrupted
+
+        print(f"masksweep-train: {exc}", file=sys.stderr)
+        raise SystemExit(130 if isinstance(exc, SweepInterrupted) else 1) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or masksweep.interrupts.Interrupted for SIGTERM too
+        print("masksweep-train: sweep interrupted; run the same command again to resume it", file=sys.stderr)
+        raise SystemExit(getattr(exc, "exit_status", 130)) from None
+
 
 class MasksweepOptunaSweeper(Sweeper):
     """Optuna ask/tell sweeper with pruning, divergence-aware trial states and resumable parallel studies."""
 
-    def __init__(
-        self,
-        sampler: Any,
-        pruner: Any,
-        direction: str,
-        n_trials: int,
-        storage: str | None,
-        study_name: str | None,
-        max_failure_rate: float,
-        heartbeat_interval: int,
-        grace_period: int | None,
-        max_retry: int | None,
-        wait_for_running: bool,
-        n_jobs: int | None = None,
-        params: Any = None,
-    ) -> None:
+    def __init__(self, **settings: Any) -> None:
         from ._impl import MasksweepOptunaSweeperImpl, Settings
 
-        settings = Settings.from_kwargs(
-            sampler=sampler,
-            pruner=pruner,
-            direction=direction,
-            n_trials=n_trials,
-            storage=storage,
-            study_name=study_name,
-            max_failure_rate=max_failure_rate,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            max_retry=max_retry,
-            wait_for_running=wait_for_running,
-            n_jobs=n_jobs,
-            params=params,
+        self.impl: MasksweepOptunaSweeperImpl = _one_line_errors(
+            lambda: MasksweepOptunaSweeperImpl(Settings.from_kwargs(**settings))
         )
-        self.impl: MasksweepOptunaSweeperImpl = MasksweepOptunaSweeperImpl(settings)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context = hydra_context
@@ -62,4 +58,4 @@ class MasksweepOptunaSweeper(Sweeper):
         self.launcher = self.impl.launcher
 
     def sweep(self, arguments: list[str]) -> Any:
-        return self.impl.sweep(arguments)
+        return _one_line_errors(lambda: self.impl.sweep(arguments))

@@ -1,48 +1,163 @@
-"""Person instance-segmentation datasets: `build_datasets(data_cfg) -> (train, val)`, `collate`, fingerprints.
+"""Person instance-segmentation datasets: `build_datasets(data_cfg) -> Splits`, `collate`, fingerprints.
 
-Loaders: `synthetic` (generated, then read through the COCO loader), `coco`, `pennfudan`. Items follow the
-contract in docs/layout.md.
+A data config names its dataset with `_target_`, as model configs do: a callable (a dataset class or a
+builder function) that `build_datasets` calls once per split as `target(split="train"|"val"|"test",
+**keys)`, with every key of the config except `_target_`, `name` and `verify` (which masksweep reads). The
+shipped ones are `masksweep.data.synthetic.synthetic`, `masksweep.data.coco.coco` and
+`masksweep.data.pennfudan.pennfudan`; a user's own class plugs in the same way from their own package. The
+test split is built only when `data.test` is set, and is never used for pruning or selection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import hashlib
+import inspect
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from omegaconf import DictConfig
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from masksweep.data.base import PersonDataset, Sample, dataset_fingerprint
-from masksweep.data.coco import build_coco
-from masksweep.data.pennfudan import build_pennfudan
-from masksweep.data.synthetic import build_synthetic
+from masksweep.data.base import PersonDataset, Sample
+from masksweep.data.contract import check_item
 from masksweep.data.transforms import Target
 from masksweep.errors import ConfigError, DataError
 
-__all__ = ["PersonDataset", "build_datasets", "collate", "dataset_fingerprint"]
+__all__ = [
+    "PersonDataset",
+    "Splits",
+    "build_datasets",
+    "build_split",
+    "collate",
+    "dataset_fingerprint",
+    "ground_truth",
+]
 
-_BUILDERS: dict[str, Callable[[DictConfig], tuple[PersonDataset, PersonDataset]]] = {
-    "synthetic": build_synthetic,
-    "coco": build_coco,
-    "pennfudan": build_pennfudan,
-}
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+# Keys masksweep itself reads; every other key of the data config goes to the target.
+_OWN_KEYS = ("_target_", "name", "verify")
 
 
-def build_datasets(data_cfg: DictConfig) -> tuple[PersonDataset, PersonDataset]:
-    """(train, val) for the composed `data` config group. Paths are checked here, before any training."""
-    builder = _BUILDERS.get(data_cfg.name)
-    if builder is None:
-        raise ConfigError("data.name", data_cfg.name, ", ".join(_BUILDERS))
-    datasets = builder(data_cfg)
-    for split, dataset in zip(("train", "val"), datasets, strict=True):
-        if len(dataset) == 0:
-            sources = ", ".join(str(p) for p in dataset.annotation_files[:1]) or str(dataset.image_root)
-            raise DataError(
-                f"{sources}: the {split} split has no images (keep_empty={data_cfg.keep_empty}); "
-                "expected at least one image with a person"
-            )
-        if data_cfg.verify:
-            dataset.verify()
-    return datasets
+@dataclass(frozen=True)
+class Splits:
+    """The datasets of one data config. `test` is None unless `data.test` is set."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset | None = None
+
+
+def build_datasets(data_cfg: DictConfig) -> Splits:
+    """The splits of the composed `data` config group: train, val, and test when `data.test` is set.
+
+    Paths are checked, and the first item of each split against the item contract (every item with
+    `verify`), here, before any training. Logs how many images each split loaded and dropped, and why."""
+    test = data_cfg.get("test") is not None
+    built = {split: build_split(data_cfg, split) for split in SPLIT_NAMES if split != "test" or test}
+    name = _target_of(data_cfg)[0]
+    for split, dataset in built.items():
+        _log_loaded(name, split, dataset)
+    return Splits(built["train"], built["val"], built.get("test"))
+
+
+def build_split(data_cfg: DictConfig, split: str) -> Dataset:
+    """One split ("train", "val" or "test"), checked as `build_datasets` checks it."""
+    name, target, builder, kwargs = _target_of(data_cfg)
+    if split == "test" and kwargs.get("test") is None:
+        raise ConfigError("data.test", None, f"a test split for data={name} (see its config for the form)")
+    dataset = builder(split=split, **kwargs)
+    where = f"data={name} ({target}), {split} split"
+    if len(dataset) == 0:
+        sources = getattr(dataset, "annotation_files", [])[:1] or [getattr(dataset, "image_root", "")]
+        raise DataError(
+            f"{where}: no images in {sources[0]} (keep_empty={kwargs.get('keep_empty')}); "
+            "expected at least one image with a person"
+        )
+    count = len(dataset) if data_cfg.get("verify", False) else 1
+    with _rng_untouched():  # a train item's random flip must not shift the seeded run's random stream
+        for index in range(count):
+            check_item(dataset[index], f"{where}, item {index}")
+    return dataset
+
+
+def _target_of(data_cfg: DictConfig) -> tuple[str, str, Callable[..., Dataset], dict[str, Any]]:
+    """(display name, target path, the callable, its keyword arguments), checked against its signature."""
+    from hydra.utils import get_object
+
+    target = data_cfg.get("_target_")
+    expected = "the import path of a dataset class or builder, e.g. masksweep.data.coco.coco"
+    if not isinstance(target, str) or not target:
+        raise ConfigError("data._target_", target, expected)
+    try:
+        builder = get_object(target)
+    except Exception as exc:  # get_object reports any import failure as ImportError or ValueError
+        reason = " ".join(str(exc).split())[:200]
+        raise ConfigError("data._target_", target, f"{expected} ({reason})") from exc
+    if not callable(builder):
+        raise ConfigError("data._target_", target, f"{expected} (it is not callable)")
+    kwargs = {
+        str(k): v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in _OWN_KEYS
+    }
+    try:
+        inspect.signature(builder).bind(split="train", **kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            "data", f"{target} with keys {sorted(kwargs)}", f"keys that {target}(split=...) accepts ({exc})"
+        ) from None
+    except ValueError:  # a builtin without a signature: let the call itself say what is wrong
+        pass
+    return str(data_cfg.get("name") or target.rsplit(".", 1)[-1]), target, builder, kwargs
+
+
+@contextlib.contextmanager
+def _rng_untouched() -> Iterator[None]:
+    state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        np.random.set_state(state[1])
+        random.setstate(state[2])
+
+
+def _log_loaded(name: str, split: str, dataset: Dataset) -> None:
+    """Images loaded, and images left out with the reason, for one split."""
+    dropped = getattr(dataset, "dropped", None)
+    if dropped is None:
+        detail = "dropped images not reported by the dataset"
+    elif dropped:
+        detail = "dropped " + ", ".join(f"{count} ({reason})" for reason, count in sorted(dropped.items()))
+    else:
+        detail = "none dropped"
+    log.info("data=%s: %s split: %d images loaded, %s", name, split, len(dataset), detail)
+
+
+def ground_truth(dataset: Dataset) -> dict[str, Any] | None:
+    """The split's COCO ground truth at original resolution (the source file's own annotations for COCO),
+    or None for a dataset without `coco_ground_truth()`: the evaluator then builds it from the targets."""
+    method = getattr(dataset, "coco_ground_truth", None)
+    return method() if callable(method) else None
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """The dataset's own `fingerprint()` (the shipped ones hash their annotation files and image names).
+
+    For a dataset without one: a hash of its class and length, which tells datasets apart but not content.
+    """
+    method = getattr(dataset, "fingerprint", None)
+    if callable(method):
+        return str(method())
+    cls = type(dataset)
+    return hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}:{len(dataset)}".encode()).hexdigest()[:16]
 
 
 def collate(batch: Sequence[Sample]) -> tuple[list[Tensor], list[Target]]:

@@ -1,5 +1,6 @@
-"""What every person dataset shares: the prepare/cache/augment path, up-front verification, the seeded split
-and the fingerprint used for experiment tracking. Loaders only say how to read one raw (image, target)."""
+"""What every shipped person dataset shares: the prepare/cache/augment path, up-front verification, the seeded
+split, the evaluation ground truth and the fingerprint used for experiment tracking. Loaders only say how to
+read one raw (image, target) and what their source annotations are."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
@@ -24,46 +24,68 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class LoaderOptions:
-    """The keys every data config has, as the loaders use them."""
+    """The options every shipped loader takes, checked."""
 
-    image_size: int
     hflip: float
     keep_empty: bool
     cache_images: bool
 
     @classmethod
-    def from_cfg(cls, data_cfg: DictConfig) -> LoaderOptions:
-        image_size, hflip = data_cfg.image_size, data_cfg.hflip
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ConfigError("data.image_size", image_size, "an integer >= 1")
+    def checked(cls, hflip: object, keep_empty: object, cache_images: object) -> LoaderOptions:
         if isinstance(hflip, bool) or not isinstance(hflip, (int, float)) or not 0 <= hflip <= 1:
             raise ConfigError("data.hflip", hflip, "a probability in [0, 1]")
-        return cls(image_size, float(hflip), bool(data_cfg.keep_empty), bool(data_cfg.cache_images))
+        return cls(float(hflip), bool(keep_empty), bool(cache_images))
 
 
 class PersonDataset(Dataset[Sample], ABC):
     """Items are (float image in [0, 1], target) as docs/layout.md describes.
 
-    Subclasses set `image_root`, `image_paths` (one per item) and `annotation_files`, and implement
-    `_load_raw`. With `cache_images`, the prepared (resized, uint8) sample is kept in memory, so each image is
-    decoded once per process; DataLoader workers each hold their own cache, so it pays with persistent workers
-    or num_workers=0, and only for datasets that fit in memory.
+    Items are at the image's original size (the model resizes). Subclasses set `image_root`, `image_paths`
+    (one per item), `image_ids` and `annotation_files`, count the images they leave out in `dropped`
+    (reason -> count), and implement `_load_raw` and `coco_ground_truth`. With `cache_images`, the prepared
+    uint8 sample is kept in memory, so each image is decoded once per process; DataLoader workers each hold
+    their own cache, so it pays with persistent workers or num_workers=0, and only for datasets that fit in
+    memory.
     """
 
     image_root: Path
     image_paths: list[Path]
+    image_ids: list[int]
     annotation_files: list[Path]
 
-    def __init__(self, name: str, options: LoaderOptions, *, train: bool) -> None:
-        self.name = name
+    def __init__(self, options: LoaderOptions, *, train: bool) -> None:
         self.train = train
-        self._prepare = build_prepare(options.image_size)
+        self.dropped: dict[str, int] = {}
+        self._prepare = build_prepare()
         self._augment = build_augment(train, options.hflip)
         self._cache: dict[int, Sample] | None = {} if options.cache_images else None
 
     @abstractmethod
     def _load_raw(self, index: int) -> Sample:
         """Item `index` at its original size: uint8 image, target from `transforms.make_target`."""
+
+    @abstractmethod
+    def coco_ground_truth(self) -> dict[str, Any]:
+        """This split's ground truth as a COCO dataset dict (images, annotations, categories: the person
+        category only) at original resolution, crowd regions included: what AP is computed against."""
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def fingerprint(self) -> str:
+        """16 hex digits of sha256 over the annotation files' bytes and the sorted image names.
+
+        Names are taken relative to the image root so the fingerprint does not depend on where the data
+        lives.
+        """
+        digest = hashlib.sha256()
+        for ann_file in sorted(set(self.annotation_files)):
+            with ann_file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        for name in sorted(path.relative_to(self.image_root).as_posix() for path in self.image_paths):
+            digest.update(name.encode() + b"\n")
+        return digest.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -81,11 +103,6 @@ class PersonDataset(Dataset[Sample], ABC):
         # v2 transforms return new tensors and containers, so the cached sample is never modified.
         return self._augment(image, target)
 
-    def verify(self) -> None:
-        """Decode every item now, so a bad file fails the run before training (and fills the cache if on)."""
-        for index in range(len(self)):
-            self._prepared(index)
-
 
 def existing_path(value: str, key: str, expected: str, *, is_dir: bool) -> Path:
     """The absolute path for config `key` (relative to the working directory), or DataError if it is absent.
@@ -100,30 +117,39 @@ def existing_path(value: str, key: str, expected: str, *, is_dir: bool) -> Path:
     return path
 
 
-def seeded_split(items: Sequence[T], val_fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Split into (train, val) by a seeded permutation; both sides get at least one item when there are two.
+def seeded_split(
+    items: Sequence[T], val_fraction: float, seed: int, test_fraction: float = 0.0
+) -> tuple[list[T], list[T], list[T]]:
+    """Split into (train, val, test) by one seeded permutation.
 
+    val takes the first round(count * val_fraction) positions of the permutation (at least one, and at least
+    one item is left for train), test the next round(count * test_fraction) (at least one when the fraction
+    is positive). Without a test fraction the train/val split is the same as with one, minus the test items.
     `items` must be in a stable order (e.g. sorted ids), so that the split depends only on the seed.
     """
     count = len(items)
     num_val = min(max(round(count * val_fraction), 1), count - 1) if count > 1 else 0
-    order = np.random.default_rng(seed).permutation(count)
-    val_positions = set(order[:num_val].tolist())
-    train = [item for i, item in enumerate(items) if i not in val_positions]
+    num_test = min(max(round(count * test_fraction), 1), count - num_val - 1) if test_fraction > 0 else 0
+    order = np.random.default_rng(seed).permutation(count).tolist()
+    val_positions, test_positions = set(order[:num_val]), set(order[num_val : num_val + max(num_test, 0)])
+    train = [item for i, item in enumerate(items) if i not in val_positions | test_positions]
     val = [item for i, item in enumerate(items) if i in val_positions]
-    return train, val
+    test = [item for i, item in enumerate(items) if i in test_positions]
+    return train, val, test
 
 
-def dataset_fingerprint(dataset: PersonDataset) -> str:
-    """16 hex digits of sha256 over the annotation files' bytes and the sorted image names.
-
-    Names are taken relative to the image root so the fingerprint does not depend on where the data lives.
-    """
-    digest = hashlib.sha256()
-    for ann_file in sorted(dataset.annotation_files):
-        with ann_file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    for name in sorted(path.relative_to(dataset.image_root).as_posix() for path in dataset.image_paths):
-        digest.update(name.encode() + b"\n")
-    return digest.hexdigest()[:16]
+def check_fractions(val_fraction: object, test: object) -> float:
+    """The test fraction of a seeded three-way split (0 for `test: null`), after checking both fractions."""
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, (int, float))
+        or not 0 < val_fraction < 1
+    ):
+        raise ConfigError("data.val_fraction", val_fraction, "a number in (0, 1)")
+    if test is None:
+        return 0.0
+    if isinstance(test, bool) or not isinstance(test, (int, float)) or not 0 < test < 1 - val_fraction:
+        raise ConfigError(
+            "data.test", test, f"null or a fraction in (0, {1 - val_fraction:g}) held out for test"
+        )
+    return float(test)

@@ -1,11 +1,14 @@
 """COCO-format person instances: the loader the synthetic data goes through as well.
 
 Annotations are filtered to one category chosen by name (ids are not assumed contiguous). Crowd regions are
-left out of training targets and kept, with iscrowd=1, for evaluation.
+left out of training targets and kept, with iscrowd=1, for evaluation. The evaluation ground truth is the
+annotation file's own person annotations for the split's images, verbatim (areas, crowd flags, polygons and
+RLE at original size, category id), so AP matches what pycocotools computes from the same file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import defaultdict
@@ -16,10 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from pycocotools import mask as mask_utils
 
-from masksweep.data.base import LoaderOptions, PersonDataset, Sample, existing_path, seeded_split
+from masksweep.data.base import (
+    LoaderOptions,
+    PersonDataset,
+    Sample,
+    check_fractions,
+    existing_path,
+    seeded_split,
+)
 from masksweep.data.images import read_rgb
 from masksweep.data.transforms import make_target
 from masksweep.errors import ConfigError, DataError
@@ -32,6 +41,7 @@ class ImageEntry:
     path: Path
     height: int
     width: int
+    record: dict[str, Any]  # the file's own image entry, for the evaluation ground truth
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class CocoIndex:
     image_root: Path
     images: dict[int, ImageEntry]
     annotations: dict[int, list[Annotation]]
+    category: dict[str, Any]  # the file's entry for the chosen category
 
     @classmethod
     def load(cls, ann_file: Path, image_root: Path, category: str = "person") -> CocoIndex:
@@ -51,11 +62,15 @@ class CocoIndex:
                 data = json.load(handle)
             images = {
                 int(image["id"]): ImageEntry(
-                    _image_path(root, image["file_name"], ann_file), int(image["height"]), int(image["width"])
+                    _image_path(root, image["file_name"], ann_file),
+                    int(image["height"]),
+                    int(image["width"]),
+                    image,
                 )
                 for image in data["images"]
             }
-            category_ids = {int(c["id"]) for c in data["categories"] if c["name"] == category}
+            matches = [c for c in data["categories"] if c["name"] == category]
+            category_ids = {int(c["id"]) for c in matches}
             by_image: dict[int, list[Annotation]] = defaultdict(list)
             for annotation in data["annotations"]:
                 if int(annotation["category_id"]) in category_ids:
@@ -68,13 +83,17 @@ class CocoIndex:
         if not category_ids:
             names = sorted({str(c.get("name")) for c in data["categories"]})
             raise DataError(f"{ann_file}: no category named {category!r}; categories are {names[:20]}")
+        if len(category_ids) > 1:  # predictions need one category id to be scored and exported under
+            raise DataError(
+                f"{ann_file}: categories {sorted(category_ids)} are all named {category!r}; expected one"
+            )
         unknown = sorted(set(by_image) - set(images))
         if unknown:
             raise DataError(
                 f"{ann_file}: annotations refer to image_id {unknown[0]}, which is not in its images "
                 "list; expected every annotated image to be listed"
             )
-        return cls(ann_file, root, images, dict(by_image))
+        return cls(ann_file, root, images, dict(by_image), dict(matches[0]))
 
 
 def _image_path(root: Path, file_name: str, ann_file: Path) -> Path:
@@ -111,9 +130,8 @@ class CocoPersonDataset(PersonDataset):
         options: LoaderOptions,
         *,
         train: bool,
-        name: str = "coco",
     ) -> None:
-        super().__init__(name, options, train=train)
+        super().__init__(options, train=train)
         self.index = index
         self.image_root = index.image_root
         self.annotation_files = [index.ann_file]
@@ -125,6 +143,8 @@ class CocoPersonDataset(PersonDataset):
                 a for a in index.annotations.get(image_id, []) if not (train and a.get("iscrowd", 0))
             ]
             if not annotations and not options.keep_empty:
+                crowd_only = bool(index.annotations.get(image_id))
+                self._drop("only crowd regions" if crowd_only else "no person")
                 continue
             path = index.images[image_id].path
             if not path.is_file():
@@ -162,34 +182,60 @@ class CocoPersonDataset(PersonDataset):
         iscrowd = torch.tensor([int(a.get("iscrowd", 0)) for a in annotations], dtype=torch.int64)
         return image, make_target(boxes, torch.from_numpy(masks), iscrowd, image_id)
 
+    def coco_ground_truth(self) -> dict[str, Any]:
+        images = [dict(self.index.images[i].record) for i in self.image_ids]
+        annotations = [dict(a) for i in self.image_ids for a in self.index.annotations.get(i, [])]
+        return {"images": images, "annotations": annotations, "categories": [dict(self.index.category)]}
 
-def build_coco(data_cfg: DictConfig) -> tuple[CocoPersonDataset, CocoPersonDataset]:
-    """(train, val) from `data.train` and `data.val`, or (`data.val: null`) a seeded split of `data.train`."""
-    options = LoaderOptions.from_cfg(data_cfg)
-    train_index = _load_index(data_cfg.train, "data.train", data_cfg.category)
-    if data_cfg.val is not None:
-        val_index = _load_index(data_cfg.val, "data.val", data_cfg.category)
-        train_ids, val_ids = sorted(train_index.images), sorted(val_index.images)
-    else:
-        if not 0 < data_cfg.val_fraction < 1:
-            raise ConfigError(
-                "data.val_fraction", data_cfg.val_fraction, "a number in (0, 1) when data.val is null"
-            )
-        val_index = train_index
-        train_ids, val_ids = seeded_split(
-            sorted(train_index.images), data_cfg.val_fraction, data_cfg.split_seed
-        )
-    return (
-        CocoPersonDataset(train_index, train_ids, options, train=True, name=data_cfg.name),
-        CocoPersonDataset(val_index, val_ids, options, train=False, name=data_cfg.name),
+
+def coco(
+    split: str,
+    *,
+    train: dict[str, str],
+    val: dict[str, str] | None = None,
+    test: dict[str, str] | None = None,
+    category: str = "person",
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    hflip: float = 0.5,
+    keep_empty: bool = False,
+    cache_images: bool = False,
+) -> CocoPersonDataset:
+    """The `split` of a COCO-format dataset: train and val from their own files, or (`val: null`) val carved
+    out of the train file by a seeded split; test (optional) always from its own file."""
+    options = LoaderOptions.checked(hflip, keep_empty, cache_images)
+    if split == "test":
+        if test is None:
+            raise ConfigError("data.test", None, "an {ann_file, image_root} mapping to build a test split")
+        index = _load_index(test, "data.test", category)
+        return CocoPersonDataset(index, sorted(index.images), options, train=False)
+    if val is not None:
+        split_cfg, key = (train, "data.train") if split == "train" else (val, "data.val")
+        index = _load_index(split_cfg, key, category)
+        return CocoPersonDataset(index, sorted(index.images), options, train=split == "train")
+    check_fractions(val_fraction, None)
+    index = _load_index(train, "data.train", category)
+    train_ids, val_ids, _ = seeded_split(sorted(index.images), val_fraction, split_seed)
+    return CocoPersonDataset(
+        index, train_ids if split == "train" else val_ids, options, train=split == "train"
     )
 
 
-def _load_index(split_cfg: DictConfig, key: str, category: str) -> CocoIndex:
+def _load_index(split_cfg: dict[str, str], key: str, category: str) -> CocoIndex:
+    if not isinstance(split_cfg, dict) or not {"ann_file", "image_root"} <= set(split_cfg):
+        raise ConfigError(key, split_cfg, "a mapping with ann_file and image_root")
     ann_file = existing_path(
-        split_cfg.ann_file, f"{key}.ann_file", "a COCO annotation JSON file", is_dir=False
+        split_cfg["ann_file"], f"{key}.ann_file", "a COCO annotation JSON file", is_dir=False
     )
     image_root = existing_path(
-        split_cfg.image_root, f"{key}.image_root", "a directory of images", is_dir=True
+        split_cfg["image_root"], f"{key}.image_root", "a directory of images", is_dir=True
     )
+    stat = ann_file.stat()
+    return _cached_index(ann_file, image_root, category, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_index(ann_file: Path, image_root: Path, category: str, mtime_ns: int, size: int) -> CocoIndex:
+    """Each split is built by its own call; when val is carved out of the train file, both share one parse
+    (COCO's train file is ~450 MB of JSON). Keyed by mtime and size too, so an edited file is re-read."""
     return CocoIndex.load(ann_file, image_root, category)

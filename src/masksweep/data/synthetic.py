@@ -1,8 +1,8 @@
 """Synthetic person dataset: procedurally drawn people on textured backgrounds, written as PNG + COCO JSON.
 
 Small Mask R-CNNs learn it in a few epochs on a CPU, so sweeps and tests run without downloading anything.
-Each image comes from its own RNG stream seeded by (seed, split, index): generation is deterministic, train
-and val never share an image, and image i is the same whatever the number of images.
+Each image comes from its own RNG stream seeded by (seed, split, index): generation is deterministic, the
+train, val and test splits never share an image, and image i is the same whatever the number of images.
 
 A scene is a stack of layers drawn back to front: distractors (circles, rectangles, bars, blobs: never
 annotated), then people (smaller, i.e. farther, first), then a few distractors in front. A person's mask is
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
@@ -31,7 +30,7 @@ from masksweep.errors import ConfigError
 
 # Bump when the drawing changes, so caches made by older code are not reused.
 GENERATOR_VERSION = 2  # 2: bigger, pedestrian-like people (thicker limbs, closer to the body)
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 # Person height as a fraction of the image side, and people per image.
 HEIGHT_RANGE = (0.4, 0.85)
@@ -317,19 +316,32 @@ def ensure_synthetic(
     return cached
 
 
-def build_synthetic(data_cfg: DictConfig) -> tuple[CocoPersonDataset, CocoPersonDataset]:
-    """Generate (or reuse) both splits, then load them through the COCO loader like any COCO dataset."""
-    options = LoaderOptions.from_cfg(data_cfg)
-    datasets = []
-    for split, count_key in zip(SPLITS, ("num_train", "num_val"), strict=True):
-        count = data_cfg[count_key]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ConfigError(f"data.{count_key}", count, "an integer >= 1")
-        paths = ensure_synthetic(data_cfg.cache_dir, split, count, options.image_size, int(data_cfg.seed))
-        index = CocoIndex.load(paths.ann_file, paths.image_root)
-        datasets.append(
-            CocoPersonDataset(
-                index, sorted(index.images), options, train=split == "train", name=data_cfg.name
-            )
+def synthetic(
+    split: str,
+    *,
+    image_size: int,
+    num_train: int,
+    num_val: int,
+    test: int | None = None,
+    seed: int = 0,
+    cache_dir: str = ".cache/masksweep/synthetic",
+    hflip: float = 0.5,
+    keep_empty: bool = False,
+    cache_images: bool = True,
+) -> CocoPersonDataset:
+    """Generate (or reuse) the `split`, then load it through the COCO loader like any COCO dataset.
+
+    `image_size` is the generated images' side; `test` is the number of test images, or null for none."""
+    options = LoaderOptions.checked(hflip, keep_empty, cache_images)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError("data.image_size", image_size, "an integer >= 1 (the generated images' side)")
+    key, count = {"train": ("data.num_train", num_train), "val": ("data.num_val", num_val)}.get(
+        split, ("data.test", test)
+    )
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(
+            key, count, "an integer >= 1" + (" (the number of test images)" if split == "test" else "")
         )
-    return datasets[0], datasets[1]
+    paths = ensure_synthetic(cache_dir, split, count, image_size, int(seed))
+    index = CocoIndex.load(paths.ann_file, paths.image_root)
+    return CocoPersonDataset(index, sorted(index.images), options, train=split == "train")

@@ -1,9 +1,13 @@
 """Pre-processing with torchvision.transforms.v2 on (tv_tensors.Image, target dict) pairs.
 
-The pipeline is split in two so that datasets can cache the output of the deterministic half:
-- `prepare`: resize to a square, drop instances that vanished, recompute areas, sanitize boxes (uint8 out);
+No resize here: the model's own GeneralizedRCNNTransform resizes (shorter side to `min_size`, longer side
+capped at `max_size`, aspect ratio kept, batches padded), and its postprocess maps boxes and masks back to
+each image's original size. Resizing here as well would stretch non-square images and put predictions in a
+frame the source annotations do not use. The pipeline is split in two so that datasets can cache the
+deterministic half:
+- `prepare`: recompute areas from the masks, clamp and sanitize boxes (uint8 out);
 - `augment`: the random and per-epoch part (horizontal flip for training), then conversion to float [0, 1].
-No normalisation: torchvision's Mask R-CNN normalises inside its GeneralizedRCNNTransform.
+No normalisation either: the model's transform normalises.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ def _instance_fields(inputs: tuple[tv_tensors.Image, Target]) -> tuple[torch.Ten
 
 
 def _areas_from_masks(image: tv_tensors.Image, target: Target) -> tuple[tv_tensors.Image, Target]:
-    """Set `area` to the resized mask's pixel count, and empty the box of an instance the resize erased.
+    """Set `area` to the mask's pixel count, and empty the box of an instance whose mask is empty.
 
-    Annotated areas are in original pixels (and approximate for polygons); COCO's small/medium/large split and
-    the IoU metrics must see the pixels the model sees. An erased instance would train the mask head on an
-    empty mask; emptying its box lets SanitizeBoundingBoxes drop it with its mask, label, crowd flag and area.
+    Annotated areas are approximate for polygons; the IoU metrics and the documented item contract use the
+    decoded pixels. An empty mask would train the mask head on nothing; emptying its box lets
+    SanitizeBoundingBoxes drop it with its mask, label, crowd flag and area.
     """
     area = target["masks"].sum(dim=(1, 2), dtype=torch.float32)
     boxes = target["boxes"]
@@ -38,11 +42,10 @@ def _areas_from_masks(image: tv_tensors.Image, target: Target) -> tuple[tv_tenso
     return image, dict(target, area=area, boxes=emptied)
 
 
-def build_prepare(image_size: int) -> v2.Compose:
+def build_prepare() -> v2.Compose:
     """Deterministic half: its output may be cached and reused across epochs."""
     return v2.Compose(
         [
-            v2.Resize((image_size, image_size), antialias=True),  # masks use nearest, boxes are rescaled
             _areas_from_masks,
             v2.ClampBoundingBoxes(),  # COCO boxes may poke past the border; Sanitize would drop them
             v2.SanitizeBoundingBoxes(labels_getter=_instance_fields),

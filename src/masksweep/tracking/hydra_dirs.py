@@ -36,4 +36,3 @@ def hydra_output_dir() -> Path | None:
     if hydra_cfg.output_subdir is None:
         return None
     return Path(hydra_cfg.runtime.output_dir) / str(hydra_cfg.output_subdir)
-

@@ -90,4 +90,3 @@ def redacted_hydra_dir(src: Path, dst: Path) -> Path:
                         env_set[name] = "<redacted>"
                     OmegaConf.save(hydra_yaml, target)
     return dst
-

@@ -11,3 +11,6 @@ TAG_REPRODUCED_FROM = "masksweep.reproduced_from"
 TAG_ERROR = "error"
 TAG_CHECKPOINT_DIR = "masksweep.checkpoint_dir"  # set by train()
 STOP_TAGS = ("stop.kind", "stop.reason", "stop.step", "stop.value")
+TAG_STUDY_NAME = "optuna.study_name"  # on a sweep's trials and its parent run
+TAG_TRIAL_NUMBER = "optuna.trial_number"  # Optuna's number of the trial a run records
+TAG_RETRIED_AS = "masksweep.retried_as"  # on a dead worker's run: the Optuna trial that retried it

@@ -30,12 +30,21 @@ from masksweep.tracking.params import (
     redacted_config,
     redacted_hydra_dir,
 )
-from masksweep.tracking.store import RetryingClient, experiment_id, first_line, open_client, redact_uri
+from masksweep.tracking.runs import MIN_PREFIX, RunNotFound, find_run
+from masksweep.tracking.store import (
+    TRAIN_OPTION,
+    RetryingClient,
+    experiment_id,
+    first_line,
+    open_client,
+    redact_uri,
+)
 from masksweep.tracking.tags import (
     MAX_TAG_LENGTH,
     PARENT_RUN_FILE,
     TAG_CHECKPOINT_DIR,
     TAG_ERROR,
+    TAG_RETRIED_AS,
     TAG_TRIAL_NAME,
 )
 
@@ -44,6 +53,7 @@ log = logging.getLogger(__name__)
 _EXTRA_TAGS: ContextVar[Mapping[str, str] | None] = ContextVar("masksweep_extra_run_tags", default=None)
 
 
+@contextmanager
 def extra_run_tags(tags: Mapping[str, str]) -> Iterator[None]:
     """Tags for the runs started inside the block (e.g. `masksweep.reproduced_from`)."""
     token = _EXTRA_TAGS.set({**(_EXTRA_TAGS.get() or {}), **tags})
@@ -212,17 +222,17 @@ class MLflowTracker(Tracker):
 
     def fail_abandoned(self, study_name: str, trial_number: int, retried_as: int) -> None:
         """End FAILED the runs a killed worker left RUNNING for `trial_number` (found by Optuna tags)."""
+        from mlflow.entities import RunTag
+
         experiment = self.client.get_run(self.run_id).info.experiment_id
         query = (
             f"tags.`optuna.study_name` = '{study_name}' and tags.`optuna.trial_number` = '{trial_number}' "
             "and attributes.status = 'RUNNING'"
         )
         for run in self.client.search_runs([experiment], query):
-            self.client.set_tag(
-                run.info.run_id,
-                TAG_ERROR,
-                f"its worker died; trial {trial_number} was retried as trial {retried_as}",
-            )
+            message = f"its worker died; trial {trial_number} was retried as trial {retried_as}"
+            tags = [RunTag(TAG_ERROR, message), RunTag(TAG_RETRIED_AS, str(retried_as))]
+            self.client.log_batch(run.info.run_id, tags=tags)
             self.client.set_terminated(run.info.run_id, "FAILED")
 
 
@@ -243,24 +253,31 @@ def _random_run_name() -> str:
         random.setstate(state)
 
 
-def checkpoint_dir_of_run(cfg: DictConfig, run_id: str) -> Path:
-    """The checkpoint directory a logged run recorded (tag masksweep.checkpoint_dir), for `resume=RUN_ID`."""
-    from mlflow.exceptions import MlflowException
-
+def checkpoint_dir_of_run(
+    cfg: DictConfig, run_id: str, name: str | None = None, option: str = TRAIN_OPTION
+) -> Path:
+    """The checkpoint directory a logged run recorded (tag masksweep.checkpoint_dir), for `resume=RUN_ID` or
+    `masksweep predict --run RUN_ID`. `run_id` may be a unique prefix (`find_run`); `name` is how the user
+    gave it (default `resume='...'`) and `option` how they name the store (`check_store`)."""
     uri = OmegaConf.select(cfg, "tracking.uri", default=None)
-    what = f"resume={run_id!r} is neither a checkpoint file, a run directory nor an MLflow run"
+    name = name or f"resume={run_id!r}"
+    what = f"{name} is neither a checkpoint file, a run directory nor an MLflow run"
     try:
-        client, _ = open_client(uri, create=False)
+        client, _ = open_client(uri, create=False, option=option)
     except TrackingError as exc:
         raise TrackingError(f"{what} ({exc})") from exc
     try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        raise TrackingError(f"{what} in {redact_uri(client.tracking_uri)}") from exc
+        run = find_run(client, run_id, name)
+    except RunNotFound as exc:
+        raise TrackingError(
+            f"{what} in {redact_uri(client.tracking_uri)}; allowed: a checkpoint file, a run directory, "
+            f"a run id or a unique prefix of {MIN_PREFIX} or more hex digits"
+        ) from exc
     directory = run.data.tags.get(TAG_CHECKPOINT_DIR)
     if not directory:
         raise TrackingError(
-            f"resume={run_id!r}: the MLflow run recorded no checkpoint directory (tag {TAG_CHECKPOINT_DIR})"
+            f"{name}: the MLflow run {run.info.run_id} recorded no checkpoint directory "
+            f"(tag {TAG_CHECKPOINT_DIR})"
         )
     return Path(directory)
 
@@ -281,4 +298,3 @@ def log_run_inputs(tracker: Tracker, cfg: DictConfig, extra_params: Mapping[str,
         hydra_dir = hydra_output_dir()
         if hydra_dir is not None and hydra_dir.is_dir():
             tracker.log_artifact(redacted_hydra_dir(hydra_dir, Path(tmp) / ".hydra"), ".hydra")
-

@@ -36,10 +36,11 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _backend as B
+from masksweep.study import storage as B
 
 if TYPE_CHECKING:
     import optuna
@@ -116,13 +117,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 class HeartbeatThread:
-    """Beats for the trial this worker runs. One thread per sweeper process, idle between trials."""
+    """Beats for the trials this worker runs (a batch of n_jobs at a time) and, through `on_beat`, for the
+    worker itself. One thread per sweeper process."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, kind: B.StorageKind, interval: float) -> None:
+    def __init__(
+        self,
+        storage: optuna.storages.BaseStorage,
+        kind: B.StorageKind,
+        interval: float,
+        on_beat: Callable[[], None] | None = None,
+    ) -> None:
         self._storage = storage
         self._kind = kind
         self._interval = max(0.05, float(interval))
-        self._trial_id: int | None = None
+        self._trial_ids: set[int] = set()
+        self._on_beat = on_beat
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="masksweep-heartbeat", daemon=True)
@@ -136,12 +145,16 @@ class HeartbeatThread:
 
     def track(self, trial_id: int) -> None:
         with self._guard:
-            self._trial_id = trial_id
+            self._trial_ids.add(trial_id)
         self.beat(trial_id)
 
-    def untrack(self) -> None:
+    def untrack(self, trial_id: int | None = None) -> None:
+        """Stop beating for `trial_id`, or for every trial."""
         with self._guard:
-            self._trial_id = None
+            if trial_id is None:
+                self._trial_ids.clear()
+            else:
+                self._trial_ids.discard(trial_id)
 
     def beat(self, trial_id: int) -> None:
         try:
@@ -152,17 +165,20 @@ class HeartbeatThread:
                     record(trial_id)
             else:
                 self._storage.set_trial_system_attr(trial_id, B.HEARTBEAT_ATTR, time.time())
-        except (
-            Exception
-        ) as err:  # the trial may have just finished, or the database blinked: beat again later
+        except Exception as err:  # the trial may have just finished, or the database blinked: beat later
             log.debug("heartbeat for trial id %s skipped: %s", trial_id, err)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             with self._guard:
-                trial_id = self._trial_id
-            if trial_id is not None:
+                trial_ids = sorted(self._trial_ids)
+            for trial_id in trial_ids:
                 self.beat(trial_id)
+            if self._on_beat is not None:
+                try:
+                    self._on_beat()
+                except Exception as err:
+                    log.debug("worker heartbeat skipped: %s", err)
 
 
 def reap_stale_trials(
@@ -183,14 +199,6 @@ def reap_stale_trials(
     from optuna.trial import TrialState
 
     reaped: list[int] = []
-    if kind == "rdb":
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # runs the storage's retry callback
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        reaped.extend(sorted(before - after - _finished_by_owner(study, before - after)))
-
     clock = time.time() if now is None else now
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
@@ -212,6 +220,14 @@ def reap_stale_trials(
             continue
         if fail_and_retry(study, storage, trial, f"stale: {reason}", max_retry):
             reaped.append(trial.number)
+    if kind == "rdb":
+        # After the pass above, so a trial whose local worker is known dead gets that reason, not a timeout.
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # runs the storage's retry callback
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        reaped.extend(sorted(before - after - _finished_by_owner(study, before - after)))
     return reaped
 
 

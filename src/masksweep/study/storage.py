@@ -1,7 +1,8 @@
-"""Storages, the cross-process ask lock and pruners: shared by the sweeper and `masksweep.pruning`.
+"""Storages, the cross-process ask lock, pruners and attribute names: shared by the sweeper plugin and the
+trials (`masksweep.study.reporter`).
 
-`masksweep.pruning` imports this module inside every trial, so it imports nothing heavy at module level:
-optuna and SQLAlchemy are imported inside the functions that need them.
+Every trial imports this module, so it imports nothing heavy at module level: optuna and SQLAlchemy are
+imported inside the functions that need them.
 
 Storage forms (`hydra.sweeper.storage`, and what travels to each job as `optuna.storage`):
   null                       journal file <launch dir>/mlruns/optuna/<study_name>.journal
@@ -67,12 +68,26 @@ class StorageSpec:
     dialect: str | None = None  # RDB: sqlite, postgresql, mysql, ...
 
     def describe(self) -> str:
-        """The URL without a password, for logs and result files."""
+        """The storage as optuna-dashboard and `hydra.sweeper.storage` take it, without a password: the
+        journal file's path (Optuna has no URL form for it) or the database URL."""
         if self.kind == "journal":
-            return self.url
+            assert self.path is not None
+            return str(self.path)
         from sqlalchemy.engine import make_url
 
         return make_url(self.url).render_as_string(hide_password=True)
+
+    def dashboard_hint(self, study_name: str) -> str:
+        """How to open the study: with optuna-dashboard, and from Python with Optuna's API."""
+        where = self.describe()
+        if self.kind == "journal":
+            api = (
+                f"optuna.load_study(study_name={study_name!r}, storage=optuna.storages.JournalStorage("
+                f"optuna.storages.journal.JournalFileBackend({where!r})))"
+            )
+        else:
+            api = f"optuna.load_study(study_name={study_name!r}, storage={where!r})"
+        return f"optuna-dashboard {where} | {api}"
 
 
 def parse_storage(storage: str | None, study_name: str, cwd: Path | None = None) -> StorageSpec:
@@ -157,7 +172,7 @@ def open_storage(
     stale_trial_callback: Any = None,
 ) -> optuna.storages.BaseStorage:
     """An Optuna storage for `spec`. The heartbeat arguments only apply to RDB storages (Optuna's own
-    heartbeat); journal storages get the sweeper's hand-written heartbeat instead (see _heartbeat.py)."""
+    heartbeat); journal storages get the sweeper's hand-written heartbeat instead (see heartbeat.py)."""
     import optuna
 
     if spec.kind == "journal":
