@@ -131,7 +131,7 @@ def test_compare_is_measured_against_the_mlflow_floor(results: tuple[dict, str])
     assert any("floor" in t["name"] for t in fig["targets"])
 
 
-@pytest.mark.skip(reason="figure 6's CPU dry run is OOM-killed at 24 GiB on a 2-core machine; cause not found")
+@pytest.mark.skip(reason="figure 6's CPU dry run is OOM-killed at 24 GiB on 2 cores; cause not found")
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     """bench/gpu_check.sh --dry-run: figure 6's measurement and the 2-trial sweep (one trial diverges) on the
     CPU at tiny sizes, results where RESULTS says (and copied to OUT, as on the device machine)."""
