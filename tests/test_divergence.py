@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,7 +121,8 @@ def test_a_diverged_trial_keeps_its_loss_curve_up_to_the_stop(make_cfg) -> None:
         train(cfg)
     stop = info.value
     assert stop.step <= 8 and "median" in stop.reason
-    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    # Absolute: MLflow caches a store per URI string, so a relative one would reach another test's file.
+    client = MlflowClient(f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("masksweep").experiment_id])
     assert run.info.status == "KILLED"
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}

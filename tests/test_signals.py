@@ -60,7 +60,8 @@ def test_sigterm_ends_a_running_trial_killed(workdir: Path, synthetic_cache: Pat
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("masksweep-train: stopped by SIGTERM"), stderr
-    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    # Absolute: MLflow caches a store per URI string, so a relative one would reach an earlier test's file.
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("masksweep").experiment_id])
     assert run.info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ap_segm")] == [1]
