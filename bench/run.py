@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     out_dir = args.out or (DEFAULT_OUT / "smoke" if args.smoke else DEFAULT_OUT)
-    wanted = [f.strip().upper() for f in args.only.split(",") if f.strip()] or list(FIGURES)
+    wanted = [f.strip().upper() for f in args.only.split(",") if f.strip()] or [f.upper() for f in FIGURES]
     if "3" in wanted or "4" in wanted:
         wanted = [f for f in wanted if f != "4"]
         if "3" not in wanted:

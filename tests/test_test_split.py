@@ -69,3 +69,55 @@ def test_a_finished_run_is_scored_on_its_test_split_once_asked(make_cfg, workdir
     assert main(["evaluate", "--run", run_id, "--split", "test"]) == 0  # the same numbers, the same names
     again = client.get_run(run_id).data.metrics
     assert {k: again[k] for k in metrics} == metrics
+
+
+@pytest.mark.slow
+def test_a_study_scores_only_its_best_trial_on_the_test_split_at_its_end(
+    workdir: Path, synthetic_cache: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from conftest import TINY_OVERRIDES
+    from masksweep.tracking import default_store
+    from test_sweep_e2e import runs_of, study_of
+
+    command = [
+        str(Path(sys.executable).with_name("masksweep-train")),
+        "-m",
+        "hydra/sweeper=masksweep_optuna",
+        "hydra.sweeper.study_name=held-out",
+        f"hydra.sweep.dir={workdir / 'sweep'}",
+        "hydra.sweeper.sampler.name=grid",
+        "hydra.sweeper.pruner.name=none",
+        "hydra.sweeper.n_trials=3",
+        *TINY_OVERRIDES,
+        f"data.cache_dir={synthetic_cache}",
+        "data.test=2",
+        "optimized_metric=val/iou_global",  # differs between trials even from random weights
+        "lr=0.0005,0.001,0.002",
+    ]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    study = study_of(workdir, "held-out")
+    best = study.best_trial
+    runs = {int(run.data.tags["optuna.trial_number"]): run for run in runs_of(workdir, "held-out")}
+    assert sorted(runs) == [t.number for t in study.trials]
+    scored = {n for n, run in runs.items() if any(k.startswith("test/") for k in run.data.metrics)}
+    assert scored == {best.number}  # the best by val, once; the others never see the test split
+    test_metrics = {k: v for k, v in runs[best.number].data.metrics.items() if k.startswith("test/")}
+    assert set(test_metrics) == {f"test/{k}" for k in METRIC_KEYS}
+
+    client = MlflowClient(default_store(workdir)[0])
+    parent = client.get_run(runs[best.number].data.tags["mlflow.parentRunId"])
+    assert {k: parent.data.metrics[k] for k in test_metrics} == test_metrics
+    # Scored after the last trial ended: no report to Optuna (pruning, selection) could have read it.
+    logged_at = min(m.timestamp for m in client.get_metric_history(parent.info.run_id, "test/ap_segm"))
+    last_end = max(t.datetime_complete.timestamp() for t in study.trials)
+    assert logged_at / 1000 >= last_end
+    for trial in study.trials:  # each value is the trial's own val metric
+        val = client.get_metric_history(runs[trial.number].info.run_id, "val/iou_global")
+        assert trial.value == pytest.approx(val[-1].value)

@@ -163,7 +163,9 @@ def train_one_epoch(
         every_s=options.progress_every_s,
         every_n=options.progress_every_n,
     )
-    unlogged = _UnloggedSteps(options.log_every, device)
+    # Between two logs an epoch records at most min(log_every, its batches) steps: a log_every far beyond the
+    # epoch (a benchmark that logs almost never) must not size the buffer (10**9 rows would be 24 GB).
+    unlogged = _UnloggedSteps(min(options.log_every, total_batches), device)
     try:
         for images, targets in progress.wrap(itertools.islice(loader, total_batches)):
             images, targets = to_device(images, targets, device)

@@ -783,6 +783,8 @@ class MasksweepOptunaSweeperImpl:
                 log.info("study %s: its results were written by another worker", self.study.study_name)
             if self.parent is not None:
                 if done:
+                    if mine:
+                        self._score_best_on_test()
                     self.parent.finish(self.study_dir if mine else None)
                 else:
                     kind = "KILLED" if error is not None and interrupted(error) else "FAILED"
@@ -790,6 +792,47 @@ class MasksweepOptunaSweeperImpl:
                     self.parent.stop(kind, _one_line(why))
         except Exception as exc:  # never hide the sweep's own outcome behind a reporting problem
             log.warning("could not end the study's records: %s", _one_line(exc))
+
+    def _score_best_on_test(self) -> None:
+        """The study's best trial (by the optimized val metric), scored once on the held-out test split when
+        its config has one (`data.test`): `test/*` on the trial's run and on the parent. The study is done
+        by now, so no pruning or selection can read these numbers. A failure here is logged, never raised:
+        the study's trials are already recorded."""
+        assert self.parent is not None and self.hydra_context is not None and self.config is not None
+        try:
+            best = self.study.best_trial
+        except ValueError:  # no COMPLETE trial
+            return
+        label = trial_label(best.number, best.user_attrs.get(TRIAL_NAME_ATTR))
+        try:
+            job_cfg = self.hydra_context.config_loader.load_sweep_config(
+                self.config, self.space.job_overrides(best.params)
+            )
+            if OmegaConf.select(job_cfg, "data.test", default=None) is None:
+                return
+            from masksweep.rescore import evaluate_run_on_test
+
+            run_id = self.parent.trial_run_id(self.study.study_name, best.number)
+            if run_id is None:
+                log.warning(
+                    "study %s: no finished MLflow run of %s to score on the test split",
+                    self.study.study_name,
+                    label,
+                )
+                return
+            metrics = evaluate_run_on_test(run_id, self.parent.client.tracking_uri)
+            self.parent.log_metrics(metrics)
+        except Exception as exc:
+            log.warning("could not score %s on the test split: %s", label, _one_line(exc))
+            return
+        log.info(
+            "study %s: best trial %s on the held-out test split: %s",
+            self.study.study_name,
+            label,
+            "  ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("ap_bbox", "ap_segm", "iou_global"))
+            ),
+        )
 
     def _write_summary(self, status: str, message: str | None) -> None:
         try:

@@ -156,6 +156,21 @@ class StudyParent:
         (sweep / PARENT_RUN_FILE).write_text(parent.run_id)
         return parent
 
+    def trial_run_id(self, study_name: str, trial_number: int) -> str | None:
+        """The FINISHED run of the study's trial `trial_number` (found by its Optuna tags), if any."""
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        query = (
+            f"tags.`{TAG_STUDY}` = '{study_name}' and tags.`optuna.trial_number` = '{trial_number}' "
+            "and attributes.status = 'FINISHED'"
+        )
+        runs = self.client.search_runs(
+            [experiment], query, max_results=1, order_by=["attributes.end_time DESC"]
+        )
+        return runs[0].info.run_id if runs else None
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        self.client.log_batch(self.run_id, metrics=[_metric(k, float(v)) for k, v in metrics.items()])
+
     def finish(self, results_dir: Path | None) -> None:
         """The study is done: its summary (when this worker wrote it) and FINISHED."""
         if results_dir is not None:
