@@ -21,7 +21,7 @@ WORKERS ?= 2
 THREADS = $(shell n=$$(( $$(nproc) / $(WORKERS) )); echo $$(( n > 0 ? n : 1 )))
 run: install
 	@pids=""; for i in $$(seq $(WORKERS)); do \
-	  OMP_NUM_THREADS=$(THREADS) $(BIN)/masksweep-train -m sweep=seed_table & pids="$$pids $$!"; sleep 2; \
+	  OMP_NUM_THREADS=$(THREADS) $(BIN)/masksweep-train -m sweep=seed_table & pids="$$pids $$!"; \
 	done; status=0; for pid in $$pids; do wait $$pid || status=$$?; done; exit $$status
 	$(BIN)/masksweep compare
 

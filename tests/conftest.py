@@ -55,3 +55,22 @@ def make_cfg(workdir: Path, synthetic_cache: Path) -> Iterator[Callable[..., Dic
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         yield _make
+
+
+def signal_once_logged(
+    command: list[str], cwd: Path, marker: str, signum: int, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run `command` with stdout to cwd/stdout.txt, send `signum` once `marker` is in it; (status, stderr)."""
+    import subprocess
+    import time
+
+    log_path = cwd / "stdout.txt"
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 600
+        while marker not in log_path.read_text() and child.poll() is None:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        child.send_signal(signum)
+        _, stderr = child.communicate(timeout=300)
+    return child.returncode, stderr

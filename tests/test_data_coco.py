@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,14 @@ def test_person_is_found_by_name_and_image_ids_are_kept(coco: tuple[Path, Path])
         assert target["labels"].tolist() == [1] * len(target["labels"])
         assert image.dtype == torch.float32 and image.shape == (3, SIZE, SIZE)
         assert image.min() >= 0.0 and image.max() <= 1.0
+
+
+def test_the_dropped_images_are_logged_with_their_reason(coco: tuple[Path, Path], caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="masksweep.data"):
+        build_datasets(coco_cfg(*coco))
+    lines = [r.getMessage() for r in caplog.records]
+    assert "data=coco: train split: 2 images loaded, dropped 1 (no person)" in lines
+    assert "data=coco: val split: 2 images loaded, dropped 1 (no person)" in lines
 
 
 def test_keep_empty_keeps_images_without_persons(coco: tuple[Path, Path]) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import signal_once_logged
 from masksweep.interrupts import Interrupted, signals_raise
 
 
@@ -45,18 +45,9 @@ def test_sigterm_ends_a_running_trial_killed(workdir: Path, synthetic_cache: Pat
         f"checkpoint.dir={workdir / 'ck'}",
     ]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    log_path = workdir / "stdout.txt"
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(
-            [str(exe), *args], cwd=workdir, stdout=log, stderr=subprocess.PIPE, text=True, env=env
-        )
-        deadline = time.monotonic() + 600
-        while "epoch 2: step 1/3" not in log_path.read_text() and child.poll() is None:
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        child.send_signal(signal.SIGTERM)  # in epoch 2: epoch 1's checkpoint is on disk
-        _, stderr = child.communicate(timeout=300)
-    assert child.returncode == 128 + signal.SIGTERM, stderr
+    # In epoch 2: epoch 1's checkpoint is on disk.
+    status, stderr = signal_once_logged([str(exe), *args], workdir, "epoch 2: step 1/3", signal.SIGTERM, env)
+    assert status == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("masksweep-train: stopped by SIGTERM"), stderr

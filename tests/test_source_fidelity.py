@@ -5,6 +5,7 @@ aspect-keeping resize, and datasets plugged in by `_target_`."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +175,7 @@ def test_ground_truth_is_the_files_own(coco_source) -> None:
 
 @pytest.mark.slow
 def test_a_trial_exports_predictions_pycocotools_scores_like_masksweep(
-    make_cfg, coco_source, workdir
+    make_cfg, coco_source, workdir, caplog
 ) -> None:
     from masksweep.train import train
 
@@ -196,8 +197,13 @@ def test_a_trial_exports_predictions_pycocotools_scores_like_masksweep(
         f"checkpoint.dir={workdir / 'ckpt'}",
         tiny=False,
     )
-    metrics = train(cfg)
+    with caplog.at_level(logging.INFO, logger="masksweep.train"):
+        metrics = train(cfg)
     results_file = workdir / "ckpt" / "predictions.json"
+    # The run's last line says where everything went.
+    assert caplog.records[-1].getMessage() == (
+        f"MLflow run (tracking=none); run directory {workdir / 'ckpt'}; predictions {results_file}"
+    )
     results = json.loads(results_file.read_text())
     _check_export(results, {i: (w, h) for i, (_, w, h) in IMAGES.items()})
     assert {r["image_id"] for r in results} <= set(IMAGES)

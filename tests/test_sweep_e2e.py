@@ -13,7 +13,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, signal_once_logged
 from masksweep.tracking import default_store
 
 pytestmark = pytest.mark.slow
@@ -118,3 +118,36 @@ def test_a_killed_trial_is_retried_from_its_last_checkpoint(workdir: Path, synth
     assert runs[1].data.tags["masksweep.resumed_from"] == str(checkpoint)
     history = MlflowClient(default_store(workdir)[0]).get_metric_history(runs[1].info.run_id, "val/ap_segm")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]  # the resumed run carries the whole curve
+
+
+def test_sigterm_to_a_sweep_kills_the_trials_run_and_the_study_retries_it(
+    workdir: Path, synthetic_cache: Path
+) -> None:
+    def command(sweep_dir: str) -> list[str]:
+        return sweep_command(
+            synthetic_cache,
+            workdir / sweep_dir,
+            "signalled",
+            "hydra.sweeper.sampler.name=grid",
+            "hydra.sweeper.n_trials=1",
+            "lr=0.01",
+            "epochs=3",
+            "trainer.progress=true",
+            "trainer.progress_every_n_steps=1",
+        )
+
+    # In epoch 2: epoch 1's checkpoint is on disk.
+    status, stderr = signal_once_logged(command("first"), workdir, "epoch 2: step 1/", signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    (killed,) = runs_of(workdir, "signalled")
+    assert killed.info.status == "KILLED"  # not RUNNING for ever
+    states = [t.state.name for t in study_of(workdir, "signalled").trials]
+    assert states == ["FAIL", "WAITING"]  # queued again with the same params
+
+    result = subprocess.run(command("second"), cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [t.state.name for t in study_of(workdir, "signalled").trials] == ["FAIL", "COMPLETE"]
+    runs = sorted(runs_of(workdir, "signalled"), key=lambda run: run.info.start_time)
+    assert [run.info.status for run in runs] == ["KILLED", "FINISHED"]
+    assert runs[1].data.tags["masksweep.resumed_from"].endswith("last.pt")  # from epoch 1's checkpoint

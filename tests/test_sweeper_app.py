@@ -251,7 +251,7 @@ def test_two_workers_share_the_default_journal_storage(tmp_path: Path) -> None:
     procs = _two_workers(
         tmp_path,
         "x=choice(0.1, 0.2, 0.3, 0.4, 0.5, 0.6)",
-        "sleep=0.15",
+        "sleep=0.5",  # long enough that the second worker, however slow to start, gets trials too
         "hydra.sweeper.sampler.name=grid",
         "hydra.sweeper.n_trials=6",
     )
@@ -266,7 +266,7 @@ def test_two_workers_share_a_postgres_storage(tmp_path: Path) -> None:
         _two_workers(
             tmp_path,
             "x=choice(0.1, 0.2, 0.3, 0.4, 0.5, 0.6)",
-            "sleep=0.15",
+            "sleep=0.5",  # long enough that the second worker, however slow to start, gets trials too
             "hydra.sweeper.sampler.name=grid",
             "hydra.sweeper.n_trials=6",
             *extra,
