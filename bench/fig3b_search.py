@@ -44,7 +44,7 @@ STEPS_TARGET = 0.5
 BEST_TARGET = 0.97
 # Keys sweeps/tpe.yaml sets on its pruner: nulled when the chosen pruner does not take them, so that the
 # sweeper does not warn about (and the results do not show) settings that play no part.
-TPE_YAML_PRUNER_KEYS = ("n_startup_trials", "n_warmup_steps")
+TPE_YAML_PRUNER_KEYS = ("min_resource", "reduction_factor")
 
 
 def pruner_overrides(pruner: dict[str, Any]) -> list[str]:
@@ -273,12 +273,18 @@ def analysis(fig: Figure) -> str | None:
     else:
         keep = [r for r in rows if r["best_ratio"]["median"] >= BEST_TARGET]
         half = [r for r in rows if r["steps_ratio"]["median"] <= STEPS_TARGET]
+        thriftiest = min(rows, key=lambda r: r["steps_ratio"]["median"])
+        text += "No setting reaches both targets: " + (
+            f"the ones that halve the steps ({', '.join(pruner_label(r['pruner']) for r in half)}) lose the "
+            "best value in some seeds; "
+            if half
+            else f"none halves the steps (the thriftiest, {pruner_label(thriftiest['pruner'])}, needs "
+            f"{thriftiest['steps_ratio']['median']:.3f}); "
+        )
         text += (
-            "No setting reaches both targets: the ones that halve the steps ("
-            + (", ".join(pruner_label(r["pruner"]) for r in half) or "none")
-            + ") lose the best value in some seeds, the ones that keep it ("
-            + (", ".join(pruner_label(r["pruner"]) for r in keep) or "none")
-            + ") need more than half the steps; "
+            f"{len(keep)} of {len(rows)} keep the best value (median) but need more than half the steps; "
+            if keep
+            else "none keeps the best value; "
         )
     text += f"the best trade-off is {pruner_label(replayed['chosen'])}"
     if replayed["chosen"] != replayed["used"]:
