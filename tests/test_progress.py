@@ -50,3 +50,5 @@ def test_a_non_tty_trial_logs_progress_within_the_epoch(make_cfg, caplog: pytest
         f"epoch 1: step {n}/4" for n in (1, 2, 3, 4)
     ]
     assert "loss" not in steps[0] and "loss " in steps[1]  # the loss read at the logging step, no extra sync
+    evaluated = [line.split(" (")[0] for line in lines if line.startswith("eval:")]
+    assert evaluated == ["eval: batch 1/1"]  # evaluation reports on the same clock

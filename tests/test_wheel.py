@@ -158,7 +158,7 @@ def test_a_smoke_trial_then_evaluate_and_predict(
 
 def test_a_two_trial_seed_table_sweep(installed: Installed, tmp_path: Path, synthetic_cache: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    installed.train(
+    result = installed.train(
         "-m",
         "sweep=seed_table",
         "hydra.sweeper.n_trials=2",
@@ -171,6 +171,9 @@ def test_a_two_trial_seed_table_sweep(installed: Installed, tmp_path: Path, synt
     assert [trial["state"] for trial in results["trials"]] == ["COMPLETE", "COMPLETE"]
     experiments = {trial["params"]["experiment"] for trial in results["trials"]}
     assert len(experiments) == 2 and experiments <= set(TRIALS)
+    for trial in results["trials"]:  # the report's name next to Optuna's number, in the results and the log
+        assert trial["trial_name"] == trial["params"]["experiment"]
+        assert f"{trial['trial_name']} (#{trial['number']}) COMPLETE" in result.stdout + result.stderr
 
 
 @pytest.fixture

@@ -83,9 +83,12 @@ def _num_batches(loader: DataLoader, limit: int | None) -> int:
     return len(loader) if limit is None else min(limit, len(loader))
 
 
-def _batches(loader: DataLoader, limit: int | None, progress: bool, desc: str) -> Iterable:
+def _batches(
+    loader: DataLoader, limit: int | None, progress: bool, desc: str, every_n: int | None = None
+) -> Iterable:
     total = _num_batches(loader, limit)
-    return ProgressLog(total, desc, enabled=progress, unit="batch").wrap(itertools.islice(loader, total))
+    shown = ProgressLog(total, desc, enabled=progress, every_n=every_n, unit="batch")
+    return shown.wrap(itertools.islice(loader, total))
 
 
 class _UnloggedSteps:
@@ -253,12 +256,13 @@ def evaluate(
     limit_batches: int | None = None,
     progress: bool = False,
     on_batch: BatchHook | None = None,
+    progress_every_n: int | None = None,
 ) -> dict[str, float]:
     """COCO AP (bbox, segm) and the IoUs over the loader's split, at original resolution (against the
     evaluator's ground truth: the dataset's own when it was given one). `on_batch` sees each batch with its
     outputs, e.g. to draw overlays from these predictions instead of running the model again."""
     evaluator.reset()
-    for images, targets in _batches(loader, limit_batches, progress, "eval"):
+    for images, targets in _batches(loader, limit_batches, progress, "eval", progress_every_n):
         outputs = predict(model, images, device)
         evaluator.process(targets, outputs)
         if on_batch is not None:

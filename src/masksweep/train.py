@@ -376,6 +376,7 @@ class Trial:
             self.cfg.trainer.limit_val_batches,
             progress=self.options.progress,
             on_batch=on_batch,
+            progress_every_n=self.options.progress_every_n,
         )
 
     def _checkpoint(self) -> dict[str, Any]:
