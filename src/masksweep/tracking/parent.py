@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from masksweep.errors import MasksweepError
 from masksweep.tracking.params import MAX_PARAM_LENGTH, flatten
+from masksweep.tracking.runs import trial_runs_filter
 from masksweep.tracking.store import RetryingClient, experiment_id, first_line, open_client, redact_uri
 from masksweep.tracking.tags import PARENT_RUN_FILE, SWEEP_RESULTS_FILE, TAG_ERROR, TAG_ROLE
 
@@ -159,10 +160,7 @@ class StudyParent:
     def trial_run_id(self, study_name: str, trial_number: int) -> str | None:
         """The FINISHED run of the study's trial `trial_number` (found by its Optuna tags), if any."""
         experiment = self.client.get_run(self.run_id).info.experiment_id
-        query = (
-            f"tags.`{TAG_STUDY}` = '{study_name}' and tags.`optuna.trial_number` = '{trial_number}' "
-            "and attributes.status = 'FINISHED'"
-        )
+        query = trial_runs_filter(study_name, trial_number, "FINISHED")
         runs = self.client.search_runs(
             [experiment], query, max_results=1, order_by=["attributes.end_time DESC"]
         )

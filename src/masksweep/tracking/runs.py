@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from masksweep.errors import TrackingError
 from masksweep.tracking.store import RetryingClient, redact_uri
+from masksweep.tracking.tags import TAG_STUDY_NAME, TAG_TRIAL_NUMBER
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -81,3 +82,11 @@ def _experiment_ids(client: RetryingClient) -> list[str]:
         token = page.token
         if not token:
             return ids
+
+
+def trial_runs_filter(study_name: str, trial_number: int, status: str) -> str:
+    """The MLflow search filter for the runs of one Optuna trial (by its tags) in a given status."""
+    return (
+        f"tags.`{TAG_STUDY_NAME}` = '{study_name}' and tags.`{TAG_TRIAL_NUMBER}` = '{trial_number}' "
+        f"and attributes.status = '{status}'"
+    )

@@ -30,7 +30,7 @@ from masksweep.tracking.params import (
     redacted_config,
     redacted_hydra_dir,
 )
-from masksweep.tracking.runs import MIN_PREFIX, RunNotFound, find_run
+from masksweep.tracking.runs import MIN_PREFIX, RunNotFound, find_run, trial_runs_filter
 from masksweep.tracking.store import (
     TRAIN_OPTION,
     RetryingClient,
@@ -225,11 +225,9 @@ class MLflowTracker(Tracker):
         from mlflow.entities import RunTag
 
         experiment = self.client.get_run(self.run_id).info.experiment_id
-        query = (
-            f"tags.`optuna.study_name` = '{study_name}' and tags.`optuna.trial_number` = '{trial_number}' "
-            "and attributes.status = 'RUNNING'"
-        )
-        for run in self.client.search_runs([experiment], query):
+        for run in self.client.search_runs(
+            [experiment], trial_runs_filter(study_name, trial_number, "RUNNING")
+        ):
             message = f"its worker died; trial {trial_number} was retried as trial {retried_as}"
             tags = [RunTag(TAG_ERROR, message), RunTag(TAG_RETRIED_AS, str(retried_as))]
             self.client.log_batch(run.info.run_id, tags=tags)
