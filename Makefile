@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The report's six trials as one sweep (first time: synthetic data and a one-time pretraining), then its tables.
+# The report's six trials as one sweep (first time: synthetic data and a one-time pretraining, both cached per
+# user in ~/.cache/masksweep, or $$XDG_CACHE_HOME/masksweep; MASKSWEEP_CACHE_DIR=DIR moves it), then its tables.
 # WORKERS sweep workers share the study, each with its share of the cores: on a 2-core CPU two one-thread
 # workers train 1.4x faster than one two-thread worker. The one-time pretraining uses every core.
 WORKERS ?= 2

@@ -61,7 +61,7 @@ def _worker() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from hydra_plugins.masksweep_optuna import _impl
+    from hydra_plugins.masksweep_optuna import _budget, _impl
 
     timings = Path(os.environ["FIG7_TIMINGS"])
 
@@ -80,7 +80,7 @@ def _worker() -> None:
 
         return wrapper
 
-    _impl.MasksweepOptunaSweeperImpl._claim = timed("ask", _impl.MasksweepOptunaSweeperImpl._claim)
+    _budget.Budget.claim = timed("ask", _budget.Budget.claim)
     _impl.MasksweepOptunaSweeperImpl._tell = timed("tell", _impl.MasksweepOptunaSweeperImpl._tell)
 
     @hydra.main(version_base="1.3", config_path=os.environ["FIG7_CONF"], config_name="config")

@@ -13,6 +13,8 @@ from masksweep.configs import CONFIG_MODULE, CONFIG_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["slurm_cluster"]  # the session's one-node SLURM cluster for tests marked slurm
+
 # A trial small enough for a 2-core CPU: tiny model, 64 px synthetic images, two steps per epoch.
 TINY_OVERRIDES = [
     "trainer=smoke",
@@ -32,9 +34,18 @@ def _no_tracking_uri_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _own_user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own empty masksweep cache (pretraining, synthetic data, decoded-image records): none
+    writes to the user's ~/.cache, and subprocesses inherit it through the environment."""
+    path = tmp_path_factory.mktemp("masksweep-cache")
+    monkeypatch.setenv("MASKSWEEP_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Run in a fresh directory, so ./mlruns and ./.cache are the test's own."""
+    """Run in a fresh directory, so ./mlruns and ./outputs are the test's own."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
 from data_factories import data_cfg
+from masksweep.cache import cache_dir
 from masksweep.data import build_datasets, collate, dataset_fingerprint
 from masksweep.data.base import seeded_split
 from masksweep.errors import ConfigError
@@ -18,7 +19,7 @@ from masksweep.errors import ConfigError
 
 @pytest.fixture
 def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.chdir(tmp_path)  # the shipped relative cache_dir resolves against the working directory
+    monkeypatch.chdir(tmp_path)
     return data_cfg("synthetic", num_train=6, num_val=3, image_size=48)
 
 
@@ -26,7 +27,8 @@ def test_synthetic_items_follow_the_contract(synthetic) -> None:
     splits = build_datasets(synthetic)
     train, val = splits.train, splits.val
     assert (len(train), len(val)) == (6, 3) and splits.test is None
-    assert all(p.is_relative_to(Path.cwd() / ".cache/masksweep/synthetic") for p in train.image_paths)
+    # cache_dir: null is the user's cache (a test's own, conftest), whatever the working directory.
+    assert all(p.is_relative_to(cache_dir() / "synthetic") for p in train.image_paths)
     for dataset in (train, val):
         image, target = dataset[0]
         assert isinstance(image, tv_tensors.Image) and image.dtype == torch.float32

@@ -179,16 +179,15 @@ def test_missing_data_path_fails_at_build(tmp_path: Path, key: str) -> None:
         build_datasets(cfg)
 
 
-def test_corrupt_image_fails_when_first_read_naming_the_file(tmp_path: Path) -> None:
+def test_a_corrupt_header_past_the_first_image_fails_at_build_naming_the_file(tmp_path: Path) -> None:
     root = tmp_path / "images"
     save_image(root / "a.png", solid_rgb(SIZE, SIZE))
     corrupt_png(root / "broken.png")
     coco = CocoFile()
     for image_id, name in ((1, "a.png"), (2, "broken.png")):
         coco.image(image_id, name, SIZE, SIZE).annotation(image_id, rect_polygon(*POLYGON), [1, 1, 4, 3])
-    train, _ = train_val(coco_cfg(coco.write(tmp_path / "ann.json"), root))  # checks only the first item
     with pytest.raises(DataError, match=r"broken\.png.*cannot be decoded") as error:
-        train[1]
+        train_val(coco_cfg(coco.write(tmp_path / "ann.json"), root))  # every image's header is read
     assert "\n" not in str(error.value)
 
 

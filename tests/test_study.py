@@ -14,8 +14,9 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
-from hydra_plugins.masksweep_optuna._impl import classify, default_study_name
+from hydra_plugins.masksweep_optuna._outcomes import classify
 from hydra_plugins.masksweep_optuna._results import trial_label
+from hydra_plugins.masksweep_optuna._samplers import default_study_name
 from hydra_plugins.masksweep_optuna._space import parse_search_space
 from masksweep.study import carry_intermediate_values, dead_attempts
 from masksweep.study import storage as S
@@ -124,6 +125,32 @@ def test_an_interrupted_job_is_failed_for_a_retry() -> None:
     ret = JobReturn(overrides=[], status=JobStatus.FAILED)
     ret._return_value = RuntimeError("boom")
     assert not classify(ret).retry
+
+
+def test_retried_trials_are_counted_by_why_they_failed(journal) -> None:
+    """The end-of-sweep line tells a dead worker's trial (stale) from one stopped by a signal or lost job."""
+    from hydra_plugins.masksweep_optuna._outcomes import lost_job
+    from hydra_plugins.masksweep_optuna._results import count_trials, retry_cause
+    from masksweep.study.heartbeat import fail_and_retry
+
+    _, storage = journal
+    study = optuna.create_study(study_name="s", storage=storage)
+    dist = {"lr": optuna.distributions.FloatDistribution(0.1, 1.0)}
+    ret = JobReturn(overrides=[], status=JobStatus.FAILED)
+    ret._return_value = KeyboardInterrupt("SIGTERM")
+    reasons = [
+        "stale: no heartbeat from host:1 for 200s",
+        classify(ret).message,
+        lost_job(RuntimeError("Job 7 has not produced any output (state: CANCELLED)"), "/logs/7.err").message,
+    ]
+    for reason in reasons:
+        trial = study.ask(dist)
+        assert fail_and_retry(study, storage, storage.get_trial(trial._trial_id), reason, max_retry=3)
+    failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert [retry_cause(t) for t in failed] == ["stale", "interrupted", "job lost"]
+    counts = count_trials(study.get_trials())
+    assert (counts.retried, counts.interrupted, counts.waiting) == (3, 2, 1)  # each ask popped the retry
+    assert failed[2].user_attrs["error"].endswith("(log: /logs/7.err)")
 
 
 def test_names_read_as_the_report_and_the_sweep() -> None:

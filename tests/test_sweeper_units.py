@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.masksweep_optuna._impl import Settings, SweepError, build_sampler, classify
+from hydra_plugins.masksweep_optuna._outcomes import classify
+from hydra_plugins.masksweep_optuna._samplers import build_sampler
+from hydra_plugins.masksweep_optuna._settings import Settings, SweepError
 from hydra_plugins.masksweep_optuna._space import (
     SearchSpaceError,
     format_value,

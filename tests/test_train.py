@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from masksweep.cache import cache_dir
 from masksweep.errors import DataError, TrialDiverged
 from masksweep.pretrain import cache_path
 from masksweep.train import train
@@ -73,7 +74,7 @@ def test_pretraining_is_cached_and_keyed_by_its_params(make_cfg, workdir: Path) 
     )
     cfg = make_cfg(*overrides)
     first = train(cfg)
-    cached = sorted((workdir / ".cache/masksweep/pretrained").glob("*.pt"))
+    cached = sorted((cache_dir() / "pretrained").glob("*.pt"))  # the user's cache (a test's own, conftest)
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
     second = train(cfg)  # reuses the cache

@@ -22,6 +22,8 @@ from masksweep.tracking.runs import find_run
 from masksweep.tracking.store import RetryingClient, metric_histories
 from masksweep.tracking.tags import (
     TAG_ERROR,
+    TAG_EVAL_IMAGES,
+    TAG_REQUEUES,
     TAG_RETRIED_AS,
     TAG_ROLE,
     TAG_STUDY_NAME,
@@ -63,6 +65,14 @@ TEST_COLUMNS = (
     ("Global IoU (test)", "test/iou_global"),
 )
 STATUS_COLUMNS = ("Status", "Stop reason", "Stop step")
+# (column, tag): where each trial ran (masksweep.study.jobs.job_tags), shown with --jobs.
+JOB_COLUMNS = (
+    ("SLURM job", "slurm.job_id"),
+    ("Node", "slurm.node"),
+    ("Requeues", TAG_REQUEUES),
+    ("Log", "masksweep.log_file"),
+)
+SUBSET_MARK = "*"  # after a trial whose AP covers only part of the val split
 OUTCOMES = ("finished", "pruned", "diverged", "interrupted", "killed", "failed", "running")
 NUMERIC_COLUMNS = {
     *(name for name, _ in RESULT_COLUMNS + TEST_COLUMNS),
@@ -81,6 +91,7 @@ class Selection:
     description: str  # e.g. "study foo (parent run 3f2a...)", "sweep sweep-foo (3f2a...)" or "all runs"
     sweep_run_id: str | None = None
     study_name: str | None = None
+    compute: dict[str, float] = field(default_factory=dict)  # the parent's compute.* metrics
 
 
 @dataclass
@@ -170,7 +181,7 @@ def select_runs(
         found = _sweep_runs(client, exp.experiment_id, parent) if parent.data.tags.get(TAG_ROLE) else None
         if found is None:
             raise TrackingError(f"run {sweep!r} has no nested trial runs; pass the parent run id of a sweep")
-        return Selection(exp.experiment_id, exp.name, *found[0]), found[1]
+        return _with_compute(client, Selection(exp.experiment_id, exp.name, *found[0])), found[1]
 
     exp = _experiment(client, experiment or DEFAULT_EXPERIMENT)
     if not all_runs:
@@ -181,11 +192,20 @@ def select_runs(
         if (
             found is not None
         ):  # only the sweep's trials are read, however many other runs the experiment holds
-            return Selection(exp.experiment_id, exp.name, *found[0]), found[1]
+            return _with_compute(client, Selection(exp.experiment_id, exp.name, *found[0])), found[1]
     trials = [r for r in _search_all(client, exp.experiment_id) if r.data.tags.get(TAG_ROLE) != "sweep"]
     if not trials:
         raise TrackingError(f"experiment {exp.name!r} has no runs yet (run masksweep-train first)")
     return Selection(exp.experiment_id, exp.name, f"all {len(trials)} runs"), trials
+
+
+def _with_compute(client: RetryingClient, selection: Selection) -> Selection:
+    """The study's compute (device-hours, hours saved, slot utilization), logged to its parent at its end."""
+    if selection.sweep_run_id is not None:
+        metrics = client.get_run(selection.sweep_run_id).data.metrics
+        prefix = "compute."
+        selection.compute = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+    return selection
 
 
 def _sweep_runs(
@@ -292,6 +312,9 @@ def build_rows(runs: Sequence[Run], metric: str | None = None) -> list[Row]:
             row.extra["error"] = tags[TAG_ERROR]
         if TAG_RETRIED_AS in tags:
             row.extra["retried_as"] = tags[TAG_RETRIED_AS]
+        if TAG_EVAL_IMAGES in tags:
+            row.extra["eval_images"] = tags[TAG_EVAL_IMAGES]
+        row.extra["job"] = {column: tags.get(tag, "") for column, tag in JOB_COLUMNS}
         row.extra["start_time"] = run.info.start_time or 0
         rows.append(row)
 
@@ -306,6 +329,12 @@ def build_rows(runs: Sequence[Run], metric: str | None = None) -> list[Row]:
         if counts[row.label] > 1:
             row.label = f"{row.label} ({row.run_id[:8]})"
     return rows
+
+
+def _is_subset(row: Row) -> bool:
+    """Whether the run's AP covers less than its val split: the tracker's tag reads e.g. "2 of 10"."""
+    parts = row.extra.get("eval_images", "").split(" of ")
+    return len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])
 
 
 # ------------------------------------------------------------------------------------------------- rendering
@@ -354,12 +383,41 @@ def counts_line(rows: Sequence[Row]) -> str:
     return f"{len(rows)} runs: " + ", ".join(parts)
 
 
+def compute_line(selection: Selection) -> str:
+    """`compute: 1.2 device-hours spent, 0.4 saved by pruning and divergence, slot utilization 0.93`."""
+    c = selection.compute
+    if "device_hours" not in c:
+        return ""
+    line = f"compute: {c['device_hours']:.3g} device-hours spent"
+    line += f", {c.get('saved_device_hours', 0.0):.3g} saved by pruning and divergence"
+    if "slot_utilization" in c:
+        line += f", slot utilization {c['slot_utilization']:.2f}"
+    return line
+
+
+def jobs_table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """Where each trial ran: its SLURM job, node and requeues, and its log file (`--jobs`)."""
+    header = ["Trial", *(column for column, _ in JOB_COLUMNS)]
+    return header, [[r.label, *(r.extra["job"][column] for column, _ in JOB_COLUMNS)] for r in rows]
+
+
+def subset_footnote(rows: Sequence[Row]) -> str:
+    """The note under the results for trials scored on part of the val split ("" when there are none)."""
+    subsets = [f"{r.label} ({r.extra['eval_images']})" for r in rows if _is_subset(r)]
+    if not subsets:
+        return ""
+    return (
+        f"{SUBSET_MARK} AP over part of the val images (trainer.limit_val_batches), not comparable with "
+        f"whole-split runs: {', '.join(subsets)}"
+    )
+
+
 def results_table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     columns = result_columns(rows)
     header = ["Trial", *(name for name, _ in columns), *STATUS_COLUMNS]
     body = [
         [
-            r.label,
+            r.label + (SUBSET_MARK if _is_subset(r) else ""),
             *(format_number(r.metrics.get(key)) for _, key in columns),
             r.status_label,
             _short(r.reason),
@@ -379,9 +437,12 @@ def render_markdown(rows: Sequence[Row], selection: Selection, metric: str) -> s
 
     title = f"experiment {selection.experiment_name}, {selection.description}, sorted by {metric}"
     title += f"; {counts_line(rows)}"
+    if compute_line(selection):
+        title += f"; {compute_line(selection)}"
+    footnote = subset_footnote(rows)
     return (
         f"## Hyperparameters\n\n_{title}_\n\n{table(*hyper_table(rows))}\n\n"
-        f"## Results\n\n{table(*results_table(rows))}\n"
+        f"## Results\n\n{table(*results_table(rows))}\n" + (f"\n{footnote}\n" if footnote else "")
     )
 
 
@@ -396,6 +457,7 @@ def csv_header(columns: Sequence[tuple[str, str]]) -> list[str]:
         "Stop reason",
         "Stop step",
         "Error",
+        "Val images scored",
     ]
 
 
@@ -418,17 +480,26 @@ def render_csv(rows: Sequence[Row]) -> str:
                 r.stop_reason,
                 r.stop_step,
                 r.extra.get("error", ""),
+                r.extra.get("eval_images", ""),
             ]
         )
     return out.getvalue()
 
 
-def render_table(rows: Sequence[Row], selection: Selection, metric: str, console) -> None:
+def render_table(rows: Sequence[Row], selection: Selection, metric: str, console, jobs: bool = False) -> None:
     from rich.table import Table
 
     caption = f"experiment {selection.experiment_name}, {selection.description}, sorted by {metric}"
     caption += f"\n{counts_line(rows)}"
-    for title, (header, body) in (("Hyperparameters", hyper_table(rows)), ("Results", results_table(rows))):
+    if compute_line(selection):
+        caption += f"\n{compute_line(selection)}"
+    footnote = subset_footnote(rows)
+    if footnote:
+        caption += f"\n{footnote}"
+    tables = [("Hyperparameters", hyper_table(rows)), ("Results", results_table(rows))]
+    if jobs:
+        tables.append(("Jobs", jobs_table(rows)))
+    for title, (header, body) in tables:
         table = Table(title=title, caption=caption if title == "Results" else None, title_justify="left")
         for name in header:
             numeric = name in NUMERIC_COLUMNS
@@ -565,6 +636,7 @@ def compare(
     output: Path | None = None,
     chart: Path | None = None,
     all_runs: bool = False,
+    jobs: bool = False,
     out=None,
     err=None,
 ) -> list[Row]:
@@ -583,10 +655,11 @@ def compare(
 
         if output is not None:
             with open(output, "w") as handle:
-                render_table(rows, selection, metric, Console(file=handle, width=200, color_system=None))
+                console = Console(file=handle, width=200, color_system=None)
+                render_table(rows, selection, metric, console, jobs)
         else:
             console = Console(file=out, width=None if out.isatty() else 200)
-            render_table(rows, selection, metric, console)
+            render_table(rows, selection, metric, console, jobs)
     else:
         text = render_markdown(rows, selection, metric) if fmt == "markdown" else render_csv(rows)
         if output is not None:

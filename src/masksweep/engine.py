@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+from masksweep import distributed
 from masksweep.divergence import DivergenceDetector
 from masksweep.metrics import COCOEvaluator
 from masksweep.progress import DEFAULT_EVERY_S, ProgressLog
@@ -180,7 +181,9 @@ def train_one_epoch(
             if warmup is not None and global_step < warmup.total_iters:
                 warmup.step()
 
-            step_values = torch.cat([losses.detach(), total.detach()[None]])
+            # Averaged over the ranks of a DDP trial (the loss of the whole batch): what is logged, and what
+            # the detector sees, so that every rank latches the same step and stops at the same sync.
+            step_values = distributed.mean_over_ranks(torch.cat([losses.detach(), total.detach()[None]]))
             sums += step_values
             steps += 1
             global_step += 1
@@ -188,7 +191,7 @@ def train_one_epoch(
             if on_log is not None:
                 unlogged.add(global_step, step_values, lr)
             # With AMP fp16 the scaler skips non-finite steps on purpose, so only the loss is checked then.
-            detector.update(global_step, total, None if scaler is not None else grad_norm)
+            detector.update(global_step, step_values[-1], None if scaler is not None else grad_norm)
             if on_log is not None and global_step % options.log_every == 0:
                 # The one host sync of the N steps.
                 values = {**dict(zip(STEP_KEYS, step_values.tolist(), strict=True)), "lr": lr}
@@ -267,4 +270,4 @@ def evaluate(
         evaluator.process(targets, outputs)
         if on_batch is not None:
             on_batch(images, targets, outputs)
-    return evaluator.evaluate()
+    return distributed.evaluate(evaluator)  # a DDP trial's shards, scored together on rank 0

@@ -18,7 +18,7 @@ import functools
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +264,31 @@ class COCOEvaluator:
             iou = torch.where(union_m > 0, inter_m / union_m.clamp(min=1), torch.zeros_like(inter_m))
             totals.instance_iou_sum += _match_instances(iou.numpy(), scores.numpy())
 
+    # ------------------------------------------------------------------ merging (one split over processes)
+    def state(self) -> dict[str, Any]:
+        """What `process` accumulated, as plain picklable data (RLE masks, not pixels), for `merge` in
+        another process: a DDP trial's ranks each score a shard of the split."""
+        return {
+            "images": self._images,
+            "gt_annotations": self._gt_annotations,
+            "detections": self._detections,
+            "iou": asdict(self._iou),
+        }
+
+    def merge(self, state: dict[str, Any]) -> None:
+        """Add the images another evaluator processed (its `state()`), as if this one had processed them:
+        COCO scores per image, so the metrics equal one evaluator's over the whole split."""
+        repeated = self._seen & {image["id"] for image in state["images"]}
+        if repeated:
+            raise ValueError(f"image_id {min(repeated)} processed twice; the merged shards overlap")
+        self._seen.update(image["id"] for image in state["images"])
+        self._images.extend(state["images"])
+        for ann in state["gt_annotations"]:  # ids are positions (COCOeval's 0 means unmatched): renumber
+            self._gt_annotations.append({**ann, "id": len(self._gt_annotations) + 1})
+        self._detections.extend(state["detections"])
+        for name, value in state["iou"].items():
+            setattr(self._iou, name, getattr(self._iou, name) + value)
+
     # ------------------------------------------------------------------ results
     def ground_truth(self) -> dict[str, Any]:
         """The COCO ground-truth dict of the images processed so far (a copy; safe to mutate or dump)."""
@@ -279,11 +304,21 @@ class COCOEvaluator:
         """The accumulated detections in COCO results format (a copy)."""
         return [_copy_annotation(det) for det in self._detections]
 
+    @property
+    def image_ids(self) -> list[int]:
+        """The ids of the images scored since the last reset(), sorted: what AP and the export cover (a
+        subset of the split when the evaluation was cut short, e.g. by trainer.limit_val_batches)."""
+        return sorted(self._seen)
+
     def write_results(self, path: str | Path) -> Path:
-        """Write the detections as a COCO results JSON (loadable by ``COCO.loadRes``); returns the path."""
+        """Write the detections as a COCO results JSON (loadable by ``COCO.loadRes``) and, beside it, the ids
+        of the images they were scored on (`scored_ids_file(path)`): COCOeval over the split's annotation file
+        gives the same AP only with ``params.imgIds`` set to those, since an image left out of the
+        evaluation would count its persons as missed. Returns the results path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self._detections))
+        scored_ids_file(path).write_text(json.dumps(self.image_ids))
         return path
 
     def evaluate(self) -> dict[str, float]:
@@ -384,6 +419,11 @@ class COCOEvaluator:
             "categories": [dict(c) for c in gt_dataset["categories"]],
             "annotations": annotations,
         }
+
+
+def scored_ids_file(results: Path) -> Path:
+    """Where `write_results(results)` lists the scored image ids (predictions.imgIds.json)."""
+    return results.with_suffix(".imgIds.json")
 
 
 class _SourceTruth:

@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from masksweep import engine
+from masksweep import cache, engine
 from masksweep.data import build_datasets, collate
 from masksweep.data.synthetic import GENERATOR_VERSION
 from masksweep.divergence import DivergenceDetector
@@ -48,7 +48,12 @@ def cache_path(model_kwargs: Mapping[str, Any], pretrain: Mapping[str, Any]) -> 
         [RECIPE_VERSION, GENERATOR_VERSION, torch.__version__, dict(model_kwargs), recipe], sort_keys=True
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(pretrain["cache_dir"]) / f"{model_kwargs['arch']}-{digest}.pt"
+    return _cache_root(pretrain) / f"{model_kwargs['arch']}-{digest}.pt"
+
+
+def _cache_root(pretrain: Mapping[str, Any]) -> Path:
+    """model.pretrain.cache_dir, or (null) the user's cache: every working directory shares one pretraining"""
+    return cache.resolve(pretrain.get("cache_dir"), "pretrained")
 
 
 def ensure_pretrained(
@@ -146,7 +151,7 @@ def _pretrain(build: Callable[[], nn.Module], pretrain: Mapping[str, Any]) -> di
             "num_train": pretrain["num_images"],
             "num_val": 1,
             "seed": pretrain["seed"],
-            "cache_dir": str(Path(pretrain["cache_dir"]) / "data"),
+            "cache_dir": str(_cache_root(pretrain) / "data"),
         }
     )
     train_set = build_datasets(data_cfg).train

@@ -9,7 +9,9 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +20,20 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from masksweep import engine
+from masksweep import distributed, engine
 from masksweep.configs import CONFIG_NAME, CONFIG_PATH
 from masksweep.errors import ConfigError, MasksweepError, TrialStopped
 from masksweep.interrupts import Interrupted, signals_raise
+from masksweep.study.compute import COMPUTE_ATTR, ComputeClock, trial_compute
+from masksweep.tracking.tags import TAG_EVAL_IMAGES
 from masksweep.validation import validate
 
 log = logging.getLogger(__name__)
 
 # The Optuna user attr where a sweep trial records its checkpoint directory, for a retry to resume from.
 CHECKPOINT_DIR_ATTR = "checkpoint_dir"
+# trainer.ddp_timeout_s of a config logged before it existed (`masksweep reproduce`).
+DDP_TIMEOUT_S = 1800.0
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -68,13 +74,16 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
 def make_loader(
     dataset, cfg: DictConfig, train: bool, generator: torch.Generator
 ) -> torch.utils.data.DataLoader:
+    from masksweep import distributed
     from masksweep.data import collate
 
     workers = cfg.trainer.num_workers
+    sampler = distributed.sampler(dataset, train, cfg.seed)  # this rank's share in a DDP trial, else None
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.trainer.batch_size,
-        shuffle=train,
+        batch_size=cfg.trainer.batch_size,  # per process, as in torchvision's reference
+        shuffle=train and sampler is None,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
         generator=generator,
@@ -92,6 +101,8 @@ class TrialState:
     global_step: int = 0
     best: float = -math.inf
     history: list[dict[str, float]] = field(default_factory=list)
+    wall_s: float = 0.0  # over every attempt (a requeue or a retry resumes the count)
+    device_s: float = 0.0  # GPU-seconds on GPUs, core-seconds on the CPU (masksweep.study.compute)
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
@@ -118,6 +129,18 @@ def resume_path(resume: str, cfg: DictConfig) -> Path:
     from masksweep.tracking import checkpoint_dir_of_run
 
     return checkpoint_dir_of_run(cfg, resume) / LAST
+
+
+def requeued_checkpoint(directory: Path, in_sweep: bool) -> Path | None:
+    """A sweep trial whose job was requeued (a SLURM time limit, preemption, `scontrol requeue`) runs again
+    with the same trial number, so the same directory: its own last.pt is where it stopped. Outside a sweep a
+    run directory is new each time, and resuming is asked for with `resume=`."""
+    from masksweep.checkpoint import LAST
+
+    if not in_sweep or not (directory / LAST).is_file():
+        return None
+    log.info("Requeued: resuming the trial from its own last checkpoint in %s", directory)
+    return directory / LAST
 
 
 def attempt_checkpoint(previous: tuple[int, dict] | None) -> Path | None:
@@ -167,7 +190,9 @@ def preflight(cfg: DictConfig) -> Plan:
     checkpoints = checkpoint.CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep)
     previous = reporter.previous_attempt() if reporter is not None else None
     resume_from = (
-        resume_path(str(cfg.resume), cfg) if cfg.resume is not None else attempt_checkpoint(previous)
+        resume_path(str(cfg.resume), cfg)
+        if cfg.resume is not None
+        else requeued_checkpoint(checkpoints.directory, reporter is not None) or attempt_checkpoint(previous)
     )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     saved = checkpoint.load(resume_from) if resume_from is not None else None
@@ -228,10 +253,11 @@ class Trial:
         from masksweep.divergence import DivergenceDetector
         from masksweep.metrics import COCOEvaluator
         from masksweep.optim import build_optimizer, build_scheduler, build_warmup
-        from masksweep.tracking import start_tracker
+        from masksweep.tracking import Tracker, start_tracker
 
         self.cfg, self.plan, self.device = cfg, plan, plan.device
         self.checkpoints, self.reporter = plan.checkpoints, plan.reporter
+        self.world = distributed.world()
         self.generator = seed_everything(cfg.seed)
         datasets = build_datasets(cfg.data)  # .test (if any) is only for `masksweep evaluate --split test`
         self.train_set = datasets.train
@@ -280,9 +306,14 @@ class Trial:
             progress_every_s=cfg.trainer.get("progress_every_s", engine.DEFAULT_EVERY_S),
             progress_every_n=cfg.trainer.get("progress_every_n_steps"),
         )
-        self.tracker = start_tracker(cfg)
+        # One trial, one record: only rank 0 of a DDP trial has an MLflow run (and draws its overlays).
+        self.tracker = start_tracker(cfg) if self.world.main else Tracker()
         # The val overlays are drawn from the last epoch's evaluation, not from a second pass of the model.
-        self.overlays = OverlaySamples(cfg.tracking.num_overlays if cfg.tracking.enabled else 0)
+        drawn = cfg.tracking.enabled and self.world.main
+        self.overlays = OverlaySamples(cfg.tracking.num_overlays if drawn else 0)
+        # Wrapped once the resumed weights are in: DDP starts every rank from rank 0's.
+        self.train_model = distributed.wrap(model, self.device)
+        self.clock = ComputeClock(self.device.type, self.world.size)
 
     def epochs(self) -> range:
         return range(self.state.epoch + 1, self.cfg.epochs + 1)
@@ -290,10 +321,12 @@ class Trial:
     def begin(self) -> None:
         """The run's inputs and tags, and a resumed run's curve so far."""
         from masksweep.data import dataset_fingerprint
+        from masksweep.study.jobs import job_tags
         from masksweep.tracking import log_run_inputs
 
         cfg, tracker, directory = self.cfg, self.tracker, str(self.checkpoints.directory.absolute())
-        log_run_inputs(tracker, cfg, {"data.fingerprint": dataset_fingerprint(self.train_set)})
+        extra = {"data.fingerprint": dataset_fingerprint(self.train_set), "world_size": str(self.world.size)}
+        log_run_inputs(tracker, cfg, extra)
         if self.reporter is not None:
             self.reporter.set_user_attr(CHECKPOINT_DIR_ATTR, directory)
         if self.plan.previous is not None:  # the dead attempt could not end its own run
@@ -303,20 +336,25 @@ class Trial:
             {
                 "masksweep.checkpoint_dir": directory,
                 **({"masksweep.resumed_from": str(resumed)} if resumed else {}),
+                **job_tags(),  # where it runs: SLURM job id, node, requeue count, log file
             }
         )
-        for row in self.state.history:  # a resumed run carries the whole curve
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        if not tracker.reopened:  # a resumed run carries the whole curve (a reopened one has it already)
+            for row in self.state.history:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         if self.reporter is not None and self.state.history:  # its Optuna trial too (the pruner may act)
             self.reporter.resume({int(r["epoch"]): r[cfg.optimized_metric] for r in self.state.history})
 
     def run_epoch(self, epoch: int) -> None:
         """Train, evaluate, record, checkpoint, and report to the sweep (which may prune)."""
+        from masksweep.data import dropped_while_reading
+
         cfg, state = self.cfg, self.state
         tic = time.perf_counter()
+        distributed.set_epoch(self.train_loader, epoch)
         try:
             means, steps_end = engine.train_one_epoch(
-                self.model,
+                self.train_model,
                 self.optimizer,
                 self.train_loader,
                 self.device,
@@ -333,26 +371,39 @@ class Trial:
                 raise MasksweepError(f"trial diverged at step {stop.step}: {stop.reason}") from stop
             raise
         seconds = time.perf_counter() - tic
-        images = (steps_end - state.global_step) * cfg.trainer.batch_size
+        distributed.sync_buffers(self.model)  # evaluate and checkpoint the one model: rank 0's
+        images = (steps_end - state.global_step) * cfg.trainer.batch_size * self.world.size
         if self.scheduler is not None:
             self.scheduler.step()
         val = self._evaluate(self.overlays if epoch == cfg.epochs else None)
+        # The evaluator counts the images it scored: fewer than the split when limit_val_batches cut it short.
+        scored, total = len(self.evaluator.image_ids), len(self.val_loader.dataset)
+        self.tracker.set_tags({TAG_EVAL_IMAGES: f"{scored} of {total}"})
         row = {
             "epoch": epoch,
             **{f"train/epoch_{k}": v for k, v in means.items()},
             **{f"val/{k}": v for k, v in val.items()},
             "time/epoch_seconds": seconds,
             "time/images_per_second": images / seconds,
+            "data/dropped_images": float(dropped_while_reading(self.train_set)),
         }
         improved = row[cfg.optimized_metric] > state.best
+        wall_s, device_s = self.clock.lap()
         self.state = TrialState(
-            epoch, steps_end, max(state.best, row[cfg.optimized_metric]), [*state.history, row]
+            epoch,
+            steps_end,
+            max(state.best, row[cfg.optimized_metric]),
+            [*state.history, row],
+            state.wall_s + wall_s,
+            state.device_s + device_s,
         )
+        self._record_compute(epoch, self.state.wall_s, self.state.device_s)
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         self.tracker.flush()
-        self.checkpoints.save(self._checkpoint(), improved, final=epoch == cfg.epochs)
+        if self.world.main:  # every rank holds the same weights; one writes them
+            self.checkpoints.save(self._checkpoint(), improved, final=epoch == cfg.epochs)
         log.info(
-            "epoch %d/%d  loss %.4f  AP bbox %.3f  AP segm %.3f  IoU %.3f  (%.1fs)",
+            "epoch %d/%d  loss %.4f  AP bbox %.3f  AP segm %.3f  IoU %.3f  (%.1fs)%s",
             epoch,
             cfg.epochs,
             means["loss"],
@@ -360,9 +411,45 @@ class Trial:
             val["ap_segm"],
             val["iou_global"],
             seconds,
+            subset_note(scored, total, cfg.trainer.limit_val_batches),
         )
+        with distributed.stop_together():  # rank 0's pruner decides for every rank
+            if self.reporter is not None:
+                self.reporter.report(row[cfg.optimized_metric], epoch)
+
+    @contextmanager
+    def accounting(self) -> Iterator[None]:
+        """A trial that stops (pruned, diverged, failed, killed) still records what it spent; a divergence
+        mid-epoch counts the part of the epoch it trained."""
+        from masksweep.errors import TrialDiverged
+
+        try:
+            yield
+        except BaseException as stop:
+            wall_s, device_s = self.clock.lap()
+            steps = max(1, self.steps_per_epoch)
+            partial = (stop.step - self.state.global_step) / steps if isinstance(stop, TrialDiverged) else 0.0
+            done = self.state.epoch + min(1.0, max(0.0, float(partial)))
+            try:
+                self._record_compute(done, self.state.wall_s + wall_s, self.state.device_s + device_s)
+            except Exception as exc:  # the stop matters more than its bookkeeping
+                log.warning("could not record the trial's compute: %s", exc)
+            raise
+
+    @property
+    def steps_per_epoch(self) -> int:
+        limit = self.cfg.trainer.limit_train_batches
+        return len(self.train_loader) if limit is None else min(len(self.train_loader), int(limit))
+
+    def _record_compute(self, epochs_done: float, wall_s: float, device_s: float) -> None:
+        """Wall time and device-seconds so far, on the run and on the Optuna trial (the study's compute)."""
+        step = max(1, math.ceil(epochs_done))
+        self.tracker.log_metrics({"time/wall_seconds": wall_s, "time/device_seconds": device_s}, step=step)
         if self.reporter is not None:
-            self.reporter.report(row[cfg.optimized_metric], epoch)
+            compute = trial_compute(
+                self.device.type, self.world.size, wall_s, device_s, self.cfg.epochs, epochs_done
+            )
+            self.reporter.set_user_attr(COMPUTE_ATTR, compute)
 
     def _log_step(self, step: int, values: dict[str, float]) -> None:
         self.tracker.log_metrics({f"train/{k}": v for k, v in values.items()}, step)
@@ -396,6 +483,7 @@ class Trial:
     def finish(self) -> dict[str, float]:
         """The final metrics, the last checkpoint on disk, and the run's artifacts."""
         from masksweep.artifacts import save_curves, save_overlays
+        from masksweep.metrics import scored_ids_file
 
         cfg, tracker, checkpoints, evaluator = self.cfg, self.tracker, self.checkpoints, self.evaluator
         last = self.state.history[-1]
@@ -408,6 +496,8 @@ class Trial:
         tracker.log_metrics({k: v for k, v in final.items() if k.startswith("final/")}, step=cfg.epochs)
         if self.resumed_after_the_last_epoch and (cfg.tracking.enabled or cfg.eval.export_predictions):
             self._evaluate(self.overlays)  # no evaluation ran in this process to draw from or to export
+        if not self.world.main:  # rank 0 writes the files and records the run
+            return final
         checkpoints.finish()
         # The results JSON in the source dataset's ids and frame, for pycocotools or a paper's tooling.
         export = None
@@ -422,6 +512,7 @@ class Trial:
                 tracker.log_artifact(save_curves(self.state.history, tmp_dir / "curves.png"))
                 if export is not None:
                     tracker.log_artifact(export)
+                    tracker.log_artifact(scored_ids_file(export))  # the imgIds to rescore it with
                 if cfg.tracking.log_model and checkpoints.best.is_file():
                     tracker.log_artifact(checkpoints.best, "checkpoints")
         log.info(
@@ -435,14 +526,33 @@ class Trial:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate one trial. Returns the final metrics; raises TrialStopped on prune or divergence."""
-    trial = Trial(cfg, preflight(cfg))
-    with trial.tracker.recording(), trial.checkpoints:
-        trial.begin()
-        for epoch in trial.epochs():
-            trial.run_epoch(epoch)
-        final = trial.finish()
+    plan = preflight(cfg)
+    # A trial launched as several processes (torchrun, a multi-task SLURM job) is one DDP trial; else a no-op.
+    with distributed.process_group(plan.device, cfg.trainer.get("ddp_timeout_s", DDP_TIMEOUT_S)) as world:
+        trial = Trial(cfg, _for_rank(plan, world))
+        with trial.tracker.recording(), trial.checkpoints, trial.accounting():
+            trial.begin()
+            for epoch in trial.epochs():
+                trial.run_epoch(epoch)
+            final = trial.finish()
     final["run_id"] = trial.tracker.run_id  # type: ignore[assignment]
     return final
+
+
+def _for_rank(plan: Plan, world: distributed.World) -> Plan:
+    """A DDP trial's process: the GPU of its local rank; only rank 0 reports to Optuna (and ends a dead
+    attempt's run). Every rank resumes from the same checkpoint."""
+    device = distributed.trial_device(plan.device, world)
+    if world.main:
+        return replace(plan, device=device)
+    return replace(plan, device=device, reporter=None, previous=None)
+
+
+def subset_note(scored: int, total: int, limit_val_batches: int | None) -> str:
+    """What the epoch line adds when AP covers only part of the val split ("" when it covers all of it)."""
+    if scored >= total:
+        return ""
+    return f"; AP over {scored} of {total} val images (trainer.limit_val_batches={limit_val_batches})"
 
 
 def model_cfg_without_pretrain(model_cfg: dict) -> dict:
@@ -471,8 +581,22 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def main() -> None:
+    """`masksweep-train`: Hydra's command line (`trial_main`), after a syntax check of the YAML files it may
+    read, as Hydra would print a YAML error as the parser's traceback (HYDRA_FULL_ERROR=1 still shows it)."""
+    from masksweep.configs import check_yaml_syntax
+
+    if not _full_error():
+        try:
+            check_yaml_syntax(sys.argv[1:])
+        except MasksweepError as exc:
+            print(f"masksweep-train: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+    trial_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
-def main(cfg: DictConfig) -> float | None:
+def trial_main(cfg: DictConfig) -> float | None:
     """Run one trial; return the optimized metric to the sweeper."""
     try:
         with signals_raise():  # SIGTERM, like Ctrl-C, ends the MLflow run KILLED rather than RUNNING

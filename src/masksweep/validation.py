@@ -107,3 +107,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("eval.backend", cfg.eval.backend, ", ".join(EVAL_BACKENDS))
     if cfg.optimized_metric not in METRICS:
         raise ConfigError("optimized_metric", cfg.optimized_metric, ", ".join(METRICS))
+    # .get: a user's own data config may leave it out (masksweep.data's default applies).
+    max_bad = cfg.data.get("max_bad_images", 0)
+    _check_range(
+        "data.max_bad_images",
+        max_bad,
+        isinstance(max_bad, int) and not isinstance(max_bad, bool) and max_bad >= 0,
+        "an integer >= 0 (train images that may fail to decode before the run stops)",
+    )

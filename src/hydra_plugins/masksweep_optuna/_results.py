@@ -39,7 +39,8 @@ class Counts:
     failed: int = 0  # FAIL, not counting stale trials that were retried
     running: int = 0
     waiting: int = 0
-    retried: int = 0  # stale (FAIL) trials replaced by a retry
+    retried: int = 0  # FAIL trials replaced by a retry (their retry stands in for them)
+    interrupted: int = 0  # of those: stopped by a signal (SIGTERM, SIGINT), or their job ended with no result
     surplus: int = 0  # asked past the budget by a race; only on storages without an ask lock
 
     @property
@@ -60,6 +61,7 @@ def count_trials(trials: list[FrozenTrial]) -> Counts:
             c.surplus += 1
         elif t.number in superseded:
             c.retried += 1
+            c.interrupted += retry_cause(t) != "stale"
         elif t.state == TrialState.COMPLETE:
             c.complete += 1
         elif t.state == TrialState.PRUNED:
@@ -74,6 +76,12 @@ def count_trials(trials: list[FrozenTrial]) -> Counts:
         elif t.state == TrialState.WAITING:
             c.waiting += 1
     return c
+
+
+def retry_cause(t: FrozenTrial) -> str:
+    """Why a retried trial failed: `stale` (its worker stopped beating), `interrupted` (a signal) or
+    `job lost` (its scheduler job ended without a result), as heartbeat.fail_and_retry recorded it."""
+    return str(t.system_attrs.get(B.STALE_ATTR, "stale")).split(":", 1)[0]
 
 
 def budget_used(trials: list[FrozenTrial]) -> int:
@@ -136,7 +144,7 @@ def summarize(study: optuna.Study, n_trials: int) -> tuple[Counts, FrozenTrial |
         log.info("no trial completed, so there is no best trial")
     log.info(
         "study %s: %d complete, %d pruned, %d diverged, %d failed "
-        "(%d of n_trials=%d finished; %d stale retried)",
+        "(%d of n_trials=%d finished; %d retried: %d stale, %d interrupted or lost)",
         study.study_name,
         counts.complete,
         counts.pruned,
@@ -145,6 +153,8 @@ def summarize(study: optuna.Study, n_trials: int) -> tuple[Counts, FrozenTrial |
         counts.finished,
         n_trials,
         counts.retried,
+        counts.retried - counts.interrupted,
+        counts.interrupted,
     )
     _print_table(study, trials, best)
     return counts, best
@@ -163,7 +173,7 @@ def _print_table(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTri
     for t in trials:
         note = ""
         if t.number in superseded:
-            note = "stale, retried"
+            note = f"{retry_cause(t)}, retried"
         elif t.user_attrs.get("diverged"):
             note = f"diverged: {t.user_attrs.get('divergence_reason', '')}"
         elif "pruned_reason" in t.user_attrs:
@@ -190,6 +200,7 @@ def write_results(
     status: str,
     message: str | None = None,
     plots: Mapping[str, Any] | None = None,
+    compute: Mapping[str, float] | None = None,
 ) -> Path:
     import yaml
 
@@ -203,6 +214,8 @@ def write_results(
         "n_trials": n_trials,
         "status": status,
         "counts": counts.as_dict(),
+        # device_hours, saved_device_hours, slot_utilization (masksweep.study.compute); parent-run metrics
+        "compute": dict(compute or {}),
         "best": None
         if best is None
         else {

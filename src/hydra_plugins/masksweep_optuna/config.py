@@ -82,10 +82,14 @@ class MasksweepOptunaSweeperConf:
     # When the budget is spent but other workers still run trials, wait for them (and retry theirs if their
     # worker dies) before writing the final results.
     wait_for_running: bool = True
-    # Trials asked together and launched as one batch through hydra/launcher (as Hydra's Optuna sweeper
-    # does): e.g. `hydra/launcher=joblib hydra.sweeper.n_jobs=4`, or submitit_slurm for SLURM jobs.
-    # null = 1. Several sweep commands on one study add up (each is a worker with its own batches).
+    # Trials in flight at once through hydra/launcher: the next trial is asked and launched the moment any
+    # one ends, so no slot idles while a long trial finishes (e.g. `hydra/launcher=joblib
+    # hydra.sweeper.n_jobs=4`, or hydra/launcher=slurm for SLURM jobs; the basic launcher runs one at a
+    # time). null = 1. Several sweep commands on one study add up (each is a worker with its own slots).
     n_jobs: int | None = None
+    # SLURM jobs: how often the scheduler's accounting is asked whether a job ended without a result
+    # (cancelled, failed, its node lost); a job that ends normally is seen within a second.
+    slurm_poll_interval: float = 10.0
 
     # The search space, in Hydra's sweep grammar (same as Hydra's Optuna sweeper), e.g.
     #   lr: tag(log, interval(1e-4, 1e-2))   optimizer: choice(sgd, adam)   epochs: range(5, 10)

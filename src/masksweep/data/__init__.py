@@ -2,7 +2,8 @@
 
 A data config names its dataset with `_target_`, as model configs do: a callable (a dataset class or a
 builder function) that `build_datasets` calls once per split as `target(split="train"|"val"|"test",
-**keys)`, with every key of the config except `_target_`, `name` and `verify` (which masksweep reads). The
+**keys)`, with every key of the config except `_target_`, `name`, `verify` and `max_bad_images` (which
+masksweep reads). The
 shipped ones are `masksweep.data.synthetic.synthetic`, `masksweep.data.coco.coco` and
 `masksweep.data.pennfudan.pennfudan`; a user's own class plugs in the same way from their own package. The
 test split is built only when `data.test` is set, and is never used for pruning or selection.
@@ -27,6 +28,7 @@ from torch.utils.data import Dataset
 
 from masksweep.data.base import PersonDataset, Sample
 from masksweep.data.contract import check_item
+from masksweep.data.decoded import check_files_decode
 from masksweep.data.transforms import Target
 from masksweep.errors import ConfigError, DataError
 
@@ -37,6 +39,7 @@ __all__ = [
     "build_split",
     "collate",
     "dataset_fingerprint",
+    "dropped_while_reading",
     "ground_truth",
 ]
 
@@ -44,7 +47,9 @@ log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
 # Keys masksweep itself reads; every other key of the data config goes to the target.
-_OWN_KEYS = ("_target_", "name", "verify")
+_OWN_KEYS = ("_target_", "name", "verify", "max_bad_images")
+# data.max_bad_images for a user's data config without the key: a few bad files are dropped, not a pattern.
+DEFAULT_MAX_BAD_IMAGES = 10
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ def build_datasets(data_cfg: DictConfig) -> Splits:
     """The splits of the composed `data` config group: train, val, and test when `data.test` is set.
 
     Paths are checked, and the first item of each split against the item contract (every item with
-    `verify`), here, before any training. Logs how many images each split loaded and dropped, and why."""
+    `verify`), here, before any training; so are every image's header (see `build_split`). Logs how many
+    images each split loaded and dropped, and why."""
     test = data_cfg.get("test") is not None
     built = {split: build_split(data_cfg, split) for split in SPLIT_NAMES if split != "test" or test}
     name = _target_of(data_cfg)[0]
@@ -70,7 +76,16 @@ def build_datasets(data_cfg: DictConfig) -> Splits:
 
 
 def build_split(data_cfg: DictConfig, split: str) -> Dataset:
-    """One split ("train", "val" or "test"), checked as `build_datasets` checks it."""
+    """One split ("train", "val" or "test"), checked as `build_datasets` checks it.
+
+    The shipped loaders check every image's file and header (its size against the annotation's, a mask's
+    against its image's) as they index it. Then val and test images are decoded in full, remembered in the
+    user's cache (`data/decoded.py`), while a train image that fails to decode later is dropped with its name,
+    up to `data.max_bad_images`. Measured on the 2-core CPU, files in the page cache: a 20k-image COCO index
+    (64 px PNGs) is built in 0.6 s with the header checks, 0.1 s without; decoding all 20k in full takes 1.5 s
+    the first time and 0.07 s once remembered. A 640x480 JPEG's header takes 0.07 ms and a full decode ~4 ms,
+    so COCO's 5k val images are decoded once in ~20 s, and COCO's 118k train images would take ~8 min: hence
+    train images are only dropped when they fail."""
     name, target, builder, kwargs = _target_of(data_cfg)
     if split == "test" and kwargs.get("test") is None:
         raise ConfigError("data.test", None, f"a test split for data={name} (see its config for the form)")
@@ -86,7 +101,19 @@ def build_split(data_cfg: DictConfig, split: str) -> Dataset:
     with _rng_untouched():  # a train item's random flip must not shift the seeded run's random stream
         for index in range(count):
             check_item(dataset[index], f"{where}, item {index}")
+    if isinstance(dataset, PersonDataset):
+        if split == "train":
+            dataset.skip_unreadable(int(data_cfg.get("max_bad_images", DEFAULT_MAX_BAD_IMAGES)))
+        else:
+            files = [f for index in range(len(dataset)) for f in dataset.source_files(index)]
+            check_files_decode(files, where)
     return dataset
+
+
+def dropped_while_reading(dataset: Dataset) -> int:
+    """Train images dropped so far because they could not be read (0 for a dataset that does not drop)."""
+    method = getattr(dataset, "unreadable_count", None)
+    return int(method()) if callable(method) else 0
 
 
 def _target_of(data_cfg: DictConfig) -> tuple[str, str, Callable[..., Dataset], dict[str, Any]]:

@@ -5,6 +5,7 @@ read one raw (image, target) and what their source annotations are."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
@@ -20,6 +22,8 @@ from masksweep.errors import ConfigError, DataError
 
 Sample = tuple[tv_tensors.Image, Target]
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class PersonDataset(Dataset[Sample], ABC):
         self._prepare = build_prepare()
         self._augment = build_augment(train, options.hflip)
         self._cache: dict[int, Sample] | None = {} if options.cache_images else None
+        self._unreadable: torch.Tensor | None = None  # set by skip_unreadable()
+        self._max_unreadable = 0
 
     @abstractmethod
     def _load_raw(self, index: int) -> Sample:
@@ -68,6 +74,46 @@ class PersonDataset(Dataset[Sample], ABC):
     def coco_ground_truth(self) -> dict[str, Any]:
         """This split's ground truth as a COCO dataset dict (images, annotations, categories: the person
         category only) at original resolution, crowd regions included: what AP is computed against."""
+
+    def source_files(self, index: int) -> list[Path]:
+        """The files item `index` is read from (its image; loaders with mask files add them)."""
+        return [self.image_paths[index]]
+
+    def skip_unreadable(self, max_bad: int) -> None:
+        """From now on an item whose files cannot be read is dropped, once, with a log line naming the file,
+        and the next readable item is served in its place; past `max_bad` such items, reading raises
+        DataError. For the train split: a training run should not die of one truncated image in 100k, nor
+        pay a full decode of the whole set up front. The flags live in shared memory, so DataLoader workers
+        and the main process (which reports `unreadable_count()`) see the same drops."""
+        self._unreadable = torch.zeros(len(self), dtype=torch.bool).share_memory_()
+        self._max_unreadable = max_bad
+
+    def unreadable_count(self) -> int:
+        """How many items skip_unreadable() has dropped so far."""
+        return 0 if self._unreadable is None else int(self._unreadable.sum())
+
+    def _readable(self, index: int) -> Sample:
+        """Item `index`, or (it cannot be read) the next readable one after it."""
+        flags = self._unreadable
+        assert flags is not None
+        for _ in range(len(self)):
+            if not flags[index]:
+                try:
+                    return self._prepared(index)
+                except DataError as exc:
+                    self._mark_unreadable(index, exc)
+            index = (index + 1) % len(self)
+        raise DataError(f"none of the {len(self)} images under {self.image_root} can be read")
+
+    def _mark_unreadable(self, index: int, exc: DataError) -> None:
+        assert self._unreadable is not None
+        self._unreadable[index] = True
+        count, limit = self.unreadable_count(), self._max_unreadable
+        if count > limit:
+            raise DataError(
+                f"data.max_bad_images={limit}: {count} train images could not be read, the last: {exc}"
+            ) from exc
+        log.warning("dropped a train image (%d of at most data.max_bad_images=%d): %s", count, limit, exc)
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -99,7 +145,7 @@ class PersonDataset(Dataset[Sample], ABC):
         return sample
 
     def __getitem__(self, index: int) -> Sample:
-        image, target = self._prepared(index)
+        image, target = self._prepared(index) if self._unreadable is None else self._readable(index)
         # v2 transforms return new tensors and containers, so the cached sample is never modified.
         return self._augment(image, target)
 

@@ -29,7 +29,7 @@ from masksweep.data.base import (
     existing_path,
     seeded_split,
 )
-from masksweep.data.images import read_rgb
+from masksweep.data.images import header_size, read_rgb
 from masksweep.data.transforms import make_target
 from masksweep.errors import ConfigError, DataError
 
@@ -146,11 +146,19 @@ class CocoPersonDataset(PersonDataset):
                 crowd_only = bool(index.annotations.get(image_id))
                 self._drop("only crowd regions" if crowd_only else "no person")
                 continue
-            path = index.images[image_id].path
+            entry = index.images[image_id]
+            path = entry.path
             if not path.is_file():
                 raise DataError(
                     f"{index.ann_file}: image_id {image_id} names {path}, which does not exist; "
                     "expected every annotated image under the image root"
+                )
+            # The header only (no decode), for every image: a wrong size fails the run here, not at epoch 3.
+            width, height = header_size(path)
+            if (width, height) != (entry.width, entry.height):
+                raise DataError(
+                    f"{path}: image is {width}x{height} but {index.ann_file} annotates it as "
+                    f"{entry.width}x{entry.height}; expected the sizes to match"
                 )
             self.image_ids.append(image_id)
             self._annotations.append(annotations)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 
 from masksweep.errors import DataError
@@ -29,6 +29,32 @@ def _open_upright(path: Path) -> Image.Image:
         ) from e
     except _DECODE_ERRORS as e:
         raise DataError(f"image file {path} cannot be decoded ({e}); expected a complete, valid image") from e
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(width, height) as `read_rgb` will decode it (EXIF rotation included), from the file's header only:
+    PIL's open() parses the header and defers decoding, so checking every image of a split stays cheap."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            # Only an orientation the header already holds: PngImageFile.getexif() decodes the whole image
+            # when its EXIF chunk comes after the pixels, and such files are rare.
+            if "exif" in image.info and image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+                width, height = height, width  # exif_transpose turns these a quarter
+    except FileNotFoundError as e:
+        raise DataError(f"image file {path} does not exist; expected a readable image file") from e
+    except UnidentifiedImageError as e:
+        raise DataError(
+            f"image file {path} cannot be decoded (unknown format); expected a PNG/JPEG/... image"
+        ) from e
+    except _DECODE_ERRORS as e:
+        raise DataError(f"image file {path} cannot be read ({e}); expected a complete, valid image") from e
+    return width, height
+
+
+def check_decodes(path: Path) -> None:
+    """Decode `path` in full and discard it: DataError names the file if its data is truncated or corrupt."""
+    _open_upright(path)
 
 
 def read_rgb(path: Path) -> tv_tensors.Image:

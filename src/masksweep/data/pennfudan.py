@@ -21,7 +21,7 @@ from masksweep.data.base import (
     existing_path,
     seeded_split,
 )
-from masksweep.data.images import read_label_map, read_rgb
+from masksweep.data.images import header_size, read_label_map, read_rgb
 from masksweep.data.transforms import make_target
 from masksweep.errors import ConfigError, DataError
 
@@ -59,6 +59,13 @@ class PennFudanDataset(PersonDataset):
                     f"{image_path}: its mask {mask_path} does not exist; expected PedMasks/"
                     f"{image_path.stem}_mask.png for every image"
                 )
+            # Headers only, for every image: a mask of another size fails the run here, before the model.
+            image_size, mask_size = header_size(image_path), header_size(mask_path)
+            if mask_size != image_size:
+                raise DataError(
+                    f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image is "
+                    f"{image_size[0]}x{image_size[1]}; expected the sizes to match"
+                )
             # Emptiness is only known from the mask, so keep_empty=false reads the (small) masks up front.
             if not options.keep_empty and not (read_label_map(mask_path) != 0).any():
                 self._drop("no person")
@@ -68,6 +75,9 @@ class PennFudanDataset(PersonDataset):
             self.mask_paths.append(mask_path)
         self.annotation_files = self.mask_paths
         self._ground_truth: dict[str, Any] | None = None
+
+    def source_files(self, index: int) -> list[Path]:
+        return [self.image_paths[index], self.mask_paths[index]]
 
     def _load_raw(self, index: int) -> Sample:
         image = read_rgb(self.image_paths[index])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,9 +25,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from masksweep import cache
 from masksweep.data.base import LoaderOptions
 from masksweep.data.coco import CocoIndex, CocoPersonDataset
 from masksweep.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Bump when the drawing changes, so caches made by older code are not reused.
 GENERATOR_VERSION = 2  # 2: bigger, pedestrian-like people (thicker limbs, closer to the body)
@@ -302,6 +306,7 @@ def ensure_synthetic(
     if final.is_dir():
         return cached
     cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Generating the synthetic %s split (%d images, %d px): %s", split, num_images, image_size, final)
     scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
     try:
         generate(scratch, split, num_images, image_size, seed)
@@ -324,7 +329,7 @@ def synthetic(
     num_val: int,
     test: int | None = None,
     seed: int = 0,
-    cache_dir: str = ".cache/masksweep/synthetic",
+    cache_dir: str | None = None,
     hflip: float = 0.5,
     keep_empty: bool = False,
     cache_images: bool = True,
@@ -342,6 +347,6 @@ def synthetic(
         raise ConfigError(
             key, count, "an integer >= 1" + (" (the number of test images)" if split == "test" else "")
         )
-    paths = ensure_synthetic(cache_dir, split, count, image_size, int(seed))
+    paths = ensure_synthetic(cache.resolve(cache_dir, "synthetic"), split, count, image_size, int(seed))
     index = CocoIndex.load(paths.ann_file, paths.image_root)
     return CocoPersonDataset(index, sorted(index.images), options, train=split == "train")

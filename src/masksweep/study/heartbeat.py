@@ -103,10 +103,10 @@ class WorkerIdentity:
         )
         if not same_place or not isinstance(attr.get("pid"), int):
             return False
-        return not _pid_alive(int(attr["pid"]))
+        return not pid_alive(int(attr["pid"]))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -189,8 +189,11 @@ def reap_stale_trials(
     grace_period: float,
     max_retry: int | None,
     now: float | None = None,
+    adopt: Callable[[FrozenTrial, str], bool] | None = None,
 ) -> list[int]:
     """Fail the study's stale RUNNING trials and re-enqueue them; return the numbers of those failed here.
+    `adopt(trial, why_stale)` may take a stale trial over instead (its scheduler job still runs): True skips
+    it.
 
     Callers hold the study's ask lock, so two workers never retry the same trial twice; without a lock the
     storage still refuses the second FAIL (UpdateFinishedTrialError) and only its winner re-enqueues.
@@ -201,6 +204,7 @@ def reap_stale_trials(
     reaped: list[int] = []
     clock = time.time() if now is None else now
     study_id = storage.get_study_id_from_name(study.study_name)
+    rdb_stale = set(_rdb_stale_trial_ids(storage, study_id)) if kind == "rdb" else set()
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(B.WORKER_ATTR)
         if me.owns(owner):
@@ -216,7 +220,11 @@ def reap_stale_trials(
                 where = f"{owner['host']}:{owner['pid']}" if isinstance(owner, dict) else "unknown worker"
                 age = clock - float(last)
                 reason = f"no heartbeat from {where} for {age:.0f}s (grace period {grace_period:g}s)"
+        elif trial._trial_id in rdb_stale:
+            reason = f"no heartbeat for over {grace_period:g}s"
         if reason is None:
+            continue
+        if adopt is not None and adopt(trial, reason):
             continue
         if fail_and_retry(study, storage, trial, f"stale: {reason}", max_retry):
             reaped.append(trial.number)
@@ -229,6 +237,14 @@ def reap_stale_trials(
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         reaped.extend(sorted(before - after - _finished_by_owner(study, before - after)))
     return reaped
+
+
+def _rdb_stale_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> list[int]:
+    """The trial ids Optuna's RDB heartbeat takes for stale (the ones fail_stale_trials would fail), so an
+    adoptable one can be taken over first; Optuna has no public query for them."""
+    getter = getattr(storage, "_get_stale_trial_ids", None)
+    enabled = getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
+    return list(getter(study_id)) if getter is not None and enabled else []
 
 
 def _finished_by_owner(study: optuna.Study, numbers: set[int]) -> set[int]:
@@ -259,7 +275,7 @@ def fail_and_retry(
     except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError) as err:
         log.debug("trial %d finished before it could be failed as stale: %s", trial.number, err)
         return False
-    log.warning("trial %d failed as stale (%s)", trial.number, reason)
+    log.warning("trial %d failed (%s)", trial.number, reason)
     failed = storage.get_trial(trial_id)
     retry_trial(study, failed, max_retry)
     return True

@@ -47,8 +47,9 @@ WORKER_ATTR = (
     "masksweep:worker"  # trial: the sweeper process that runs it {"host", "pid", "boot", "pidns", "id"}
 )
 HEARTBEAT_ATTR = "masksweep:heartbeat"  # trial: unix time of its worker's last beat (journal storages)
-STALE_ATTR = "masksweep:stale"  # trial: why it was failed as stale
+STALE_ATTR = "masksweep:stale"  # trial: why it was failed and retried ("stale: ...", "interrupted: ...", ...)
 SURPLUS_ATTR = "masksweep:surplus"  # trial: asked past the budget by a race (only on storages without a lock)
+JOB_ATTR = "masksweep:job"  # trial: the scheduler job that runs it (masksweep.study.jobs), for adoption
 # The keys Optuna's RetryHeartbeatStaleTrialCallback uses, so its helpers read our retries too.
 RETRY_FROM_ATTR = "failed_trial"
 RETRY_HISTORY_ATTR = "retry_history"

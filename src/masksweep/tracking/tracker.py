@@ -44,6 +44,7 @@ from masksweep.tracking.tags import (
     PARENT_RUN_FILE,
     TAG_CHECKPOINT_DIR,
     TAG_ERROR,
+    TAG_REQUEUES,
     TAG_RETRIED_AS,
     TAG_TRIAL_NAME,
 )
@@ -78,6 +79,7 @@ class Tracker:
     """Records one trial. The base class records nothing: it is the tracker for `tracking=none`."""
 
     run_id: str | None = None
+    reopened = False  # the run of an earlier attempt of this same trial (a requeued job), continued
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
@@ -98,8 +100,12 @@ class Tracker:
         except TrialStopped as stop:
             self._finish_quietly("KILLED", stop_tags(stop))
             raise
-        except KeyboardInterrupt:
-            self._finish_quietly("KILLED", {"stop.kind": "interrupted", "stop.reason": "KeyboardInterrupt"})
+        except KeyboardInterrupt as exc:  # masksweep.interrupts.Interrupted names its signal; Ctrl-C: SIGINT
+            signal_name = getattr(exc, "name", "SIGINT")
+            self._finish_quietly("KILLED", {"stop.kind": "interrupted", "stop.reason": signal_name})
+            raise
+        except SystemExit as exc:  # submitit's time-limit requeue exits the job this way; it comes back
+            self._finish_quietly("KILLED", {"stop.kind": "exit", "stop.reason": f"SystemExit({exc.code})"})
             raise
         except BaseException as exc:
             self._record_error(exc)
@@ -131,6 +137,26 @@ class MLflowTracker(Tracker):
     def __init__(self, client: RetryingClient, run_id: str, flush_every: int = 50) -> None:
         self.client, self.run_id, self.flush_every = client, run_id, flush_every
         self._pending: list = []
+        self._system: Any = None
+
+    def watch_system(self, every_s: float | None) -> None:
+        """CPU, memory, disk, network and (with pynvml) per-GPU utilization and memory as `system/*` metrics
+        every `every_s` seconds, by MLflow's own SystemMetricsMonitor on a thread (None: off)."""
+        if every_s is None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=float(every_s),
+                resume_logging=self.reopened,
+                tracking_uri=self.client.tracking_uri,
+            )
+            self._system.start()
+        except Exception as exc:  # e.g. psutil missing: the trial matters more than its utilization curve
+            log.warning("system metrics are off for run %s: %s", self.run_id, first_line(exc))
+            self._system = None
 
     @classmethod
     def start(cls, cfg: DictConfig) -> MLflowTracker:
@@ -174,8 +200,27 @@ class MLflowTracker(Tracker):
             run_name = f"job-{job_num}"
         else:
             run_name = _random_run_name()
+        if cfg.optuna.trial_number is not None:
+            study, number = str(cfg.optuna.study_name), int(cfg.optuna.trial_number)
+            earlier = _unfinished_run(client, exp_id, study, number)
+            if earlier is not None:
+                return cls._reopen(client, earlier)
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
         return cls(client, run.info.run_id)
+
+    @classmethod
+    def _reopen(cls, client: RetryingClient, run: Any) -> MLflowTracker:
+        """A requeued job is the same trial going on: one trial, one run. Its stop tags go, it runs again."""
+        for key in run.data.tags:
+            if key.startswith("stop.") or key == TAG_ERROR:
+                client.delete_tag(run.info.run_id, key)
+        restarts = int(run.data.tags.get(TAG_REQUEUES, "0")) + 1
+        client.set_tag(run.info.run_id, TAG_REQUEUES, str(restarts))
+        client.update_run(run.info.run_id, status="RUNNING")
+        log.info("MLflow run %s continues (requeued %d time(s))", run.info.run_id, restarts)
+        tracker = cls(client, run.info.run_id)
+        tracker.reopened = True
+        return tracker
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -212,6 +257,9 @@ class MLflowTracker(Tracker):
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, status: str, tags: Mapping[str, str] | None = None) -> None:
+        if self._system is not None:
+            self._system.finish()  # its last samples go out before the run ends
+            self._system = None
         try:
             self.flush()  # the completed epochs' metrics are recorded whatever the outcome
         finally:
@@ -232,6 +280,17 @@ class MLflowTracker(Tracker):
             tags = [RunTag(TAG_ERROR, message), RunTag(TAG_RETRIED_AS, str(retried_as))]
             self.client.log_batch(run.info.run_id, tags=tags)
             self.client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _unfinished_run(client: RetryingClient, exp_id: str, study_name: str, trial_number: int) -> Any:
+    """The run an earlier attempt of this very Optuna trial left (KILLED by a requeue's signal, FAILED by
+    SystemExit from submitit's requeue, or RUNNING after a SIGKILL); a retried trial has a new number."""
+    runs = [
+        run
+        for status in ("RUNNING", "KILLED", "FAILED")
+        for run in client.search_runs([exp_id], trial_runs_filter(study_name, trial_number, status))
+    ]
+    return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
 def _random_run_name() -> str:
@@ -281,7 +340,11 @@ def checkpoint_dir_of_run(
 
 
 def start_tracker(cfg: DictConfig) -> Tracker:
-    return MLflowTracker.start(cfg) if cfg.tracking.enabled else Tracker()
+    if not cfg.tracking.enabled:
+        return Tracker()
+    tracker = MLflowTracker.start(cfg)
+    tracker.watch_system(cfg.tracking.get("system_metrics_every_s"))
+    return tracker
 
 
 def log_run_inputs(tracker: Tracker, cfg: DictConfig, extra_params: Mapping[str, str]) -> None:
