@@ -1,14 +1,15 @@
 """Figure 9: chaos at cluster scale, on the one-node SLURM fixture (scripts/slurm-cluster).
 
-One sweep of M trials (200; smoke 20) with N slots (16; smoke 4) through the real sweeper's ask, launch, report
-and tell path: hydra/launcher=slurm (masksweep's submitit_slurm settings), each trial one SLURM job. The
-objective is trivial: it sleeps a length drawn from its param x (2-10 s; smoke 1-3 s), reporting every second
-through TrialReporter. Meanwhile a chaos loop hits 10% of the jobs it sees running (one job at random in each
-ten, a random 0.5-4 s after it started), alternately with `scancel` (the trial FAILs and is retried as a new
-trial number with the same params) and `scontrol requeue` (the same trial runs again after ~11 s, cred_expire,
-and restarts its sleep: it had not finished).
+One sweep of M trials (200; smoke 20) with N slots (16; smoke 4) through the real sweeper's ask, launch,
+report and tell path: hydra/launcher=slurm (masksweep's submitit_slurm settings), each trial one SLURM job.
+The objective is trivial: it sleeps a length drawn from its param x (2-10 s; smoke 1-3 s), reporting every
+second through TrialReporter, and stops on SIGTERM as masksweep-train's trials do. Meanwhile a chaos loop hits
+10% of the jobs (one job at random in each ten, at a random moment of its sleep), alternately with `scancel`
+(the trial FAILs and is retried as a new trial number with the same params) and `scontrol requeue` (the same
+trial runs again after ~11 s, cred_expire, and restarts its sleep: it had not finished). sacct's states of
+each hit job are kept with it, so a hit that missed shows.
 
-The objective appends "<trial number> x=<param> <pid> start|end" to a record file. Recorded:
+The objective appends "<trial number> x=<param> <pid> <job id> start|end" to a record file. Recorded:
 - finished trials lost: a trial seen finished during the run whose state or value changed by the end, plus any
   shortfall of finished trials below n_trials (target 0);
 - trained twice: a params set that reached "end" in two COMPLETE trials, or a trial number whose job ran to
@@ -61,21 +62,28 @@ def _worker() -> None:
 
     @hydra.main(version_base="1.3", config_path=os.environ["FIG9_CONF"], config_name="config")
     def task(cfg: DictConfig) -> float:
+        from masksweep.interrupts import signals_raise
         from masksweep.study import TrialReporter
+
+        job = os.environ.get("SLURM_JOB_ID", "-")
 
         def mark(what: str) -> None:
             with open(cfg.record, "a") as f:  # O_APPEND lines: safe across jobs
-                f.write(f"{cfg.optuna.trial_number} x={cfg.x!r} {os.getpid()} {what}\n")
+                f.write(f"{cfg.optuna.trial_number} x={cfg.x!r} {os.getpid()} {job} {what}\n")
 
         mark("start")
         reporter = TrialReporter.from_config(cfg.optuna)
-        seconds = cfg.sleep.low + (cfg.sleep.high - cfg.sleep.low) * float(cfg.x)
+        # The length is drawn from x's far digits, so it stays spread while TPE closes in on the best x.
+        seconds = cfg.sleep.low + (cfg.sleep.high - cfg.sleep.low) * (float(cfg.x) * 1000 % 1)
         deadline, step = time.monotonic() + seconds, 0
-        while (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(1.0, left))
-            step += 1
-            if reporter is not None:
-                reporter.report(float(cfg.x), step=step)
+        # As masksweep-train's trials do: SLURM's SIGTERM (scancel, requeue) stops the trial, which submitit
+        # alone would ignore ("Bypassing signal SIGTERM") and so finish a trial that SLURM then runs again.
+        with signals_raise():
+            while (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(1.0, left))
+                step += 1
+                if reporter is not None:
+                    reporter.report(float(cfg.x), step=step)
         mark("end")
         return float(cfg.x)
 
@@ -83,51 +91,66 @@ def _worker() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- driver
-def _squeue_running(env: dict[str, str]) -> list[str]:
-    out = subprocess.run(
-        ["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True, env=env, timeout=30
-    )
-    return out.stdout.split() if out.returncode == 0 else []
-
-
 class Chaos(threading.Thread):
-    """Hits one job at random in each HIT_EVERY it sees running, alternately scancel and scontrol requeue."""
+    """Hits one job at random in each HIT_EVERY whose trial starts, alternately with scancel and scontrol
+    requeue, at a random moment of its sleep (the record's "start" line plus up to 90% of the shortest sleep),
+    so every hit lands on a job that is still running its trial."""
 
-    def __init__(self, env: dict[str, str], seed: int) -> None:
+    def __init__(self, env: dict[str, str], record: Path, seed: int, within_s: float) -> None:
         super().__init__(name="fig9-chaos", daemon=True)
-        self.env, self.rng = env, random.Random(seed)
+        self.env, self.record, self.rng, self.within_s = env, record, random.Random(seed), within_s
         self.stop = threading.Event()
-        self.seen: list[str] = []
+        self.seen: list[str] = []  # job ids in the order their trial first started
         self.hits: list[dict[str, Any]] = []
         self.errors: list[str] = []
 
     def run(self) -> None:
-        pending: dict[str, float] = {}  # job id -> when to hit it
-        chosen = self.rng.randrange(HIT_EVERY)
-        while not self.stop.wait(0.5):
-            running = _squeue_running(self.env)
-            now = time.monotonic()
-            for job in running:
-                if job in self.seen:
-                    continue
-                if len(self.seen) % HIT_EVERY == chosen:
-                    pending[job] = now + self.rng.uniform(0.5, 4.0)
-                self.seen.append(job)
-                if len(self.seen) % HIT_EVERY == 0:
-                    chosen = self.rng.randrange(HIT_EVERY)
-            for job, when in list(pending.items()):
-                if now < when:
+        pending: dict[str, tuple[float, int]] = {}  # job id -> (when to hit it, trial number)
+        chosen, offset = self.rng.randrange(HIT_EVERY), 0
+        while not self.stop.wait(0.2):
+            if self.record.exists():
+                with open(self.record) as f:
+                    f.seek(offset)
+                    text = f.read()
+                complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next look
+                offset += len(complete)
+                for number, _, _, job, what in (line.split() for line in complete.splitlines()):
+                    if what != "start" or job in self.seen:
+                        continue  # a requeued job's second start is not hit again
+                    if len(self.seen) % HIT_EVERY == chosen:
+                        when = time.monotonic() + self.rng.uniform(0, 0.9 * self.within_s)
+                        pending[job] = (when, int(number))
+                    self.seen.append(job)
+                    if len(self.seen) % HIT_EVERY == 0:
+                        chosen = self.rng.randrange(HIT_EVERY)
+            for job, (when, number) in list(pending.items()):
+                if time.monotonic() < when:
                     continue
                 del pending[job]
-                if job not in running:
-                    continue  # it ended first: nothing to hit
                 action = ("scancel", "requeue")[len(self.hits) % 2]
                 command = ["scancel", job] if action == "scancel" else ["scontrol", "requeue", job]
                 done = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=30)
                 if done.returncode == 0:
-                    self.hits.append({"job": job, "action": action, "t": round(time.time(), 2)})
+                    hit = {"job": job, "trial": number, "action": action, "t": round(time.time(), 2)}
+                    self.hits.append(hit)
                 else:
                     self.errors.append(f"{' '.join(command)}: {done.stderr.strip()}")
+
+
+def _sacct_states(jobs: list[str], env: dict[str, str]) -> dict[str, list[str]]:
+    """Job id -> the accounting states of its runs, in order (a requeued job has one line per run)."""
+    if not jobs:
+        return {}
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-D", "-j", ",".join(jobs), "-o", "JobID,State"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    states: dict[str, list[str]] = {job: [] for job in jobs}
+    for line in out.stdout.splitlines():
+        job, _, state = line.partition("|")
+        if job in states:
+            states[job].append(state.split()[0])
+    return states
 
 
 def _finished_now(study: str, spec: Any) -> dict[int, tuple[str, float | None]]:
@@ -182,7 +205,7 @@ def _sweep(root: Path, cluster: Path, slots: int, trials: int, low: float, high:
         "x=interval(0,1)",
     ]
     spec = parse_storage(None, study, cwd=root)
-    chaos = Chaos(env, seed=0)
+    chaos = Chaos(env, record, seed=0, within_s=low)
     timeout = 600 + trials * high  # a hang is a finding: stop it, keep the log
     tic = time.time()
     log_path = root / "sweep.log"
@@ -197,7 +220,7 @@ def _sweep(root: Path, cluster: Path, slots: int, trials: int, low: float, high:
         if sweeper.poll() is None:
             sweeper.kill()
             sweeper.wait()
-            raise RuntimeError(f"fig9: the sweeper did not end within {timeout:.0f} s (a hang); see {log_path}")
+            raise RuntimeError(f"fig9: the sweeper did not end within {timeout:.0f} s (a hang): {log_path}")
     seconds = time.time() - tic
     chaos.join()
     if sweeper.returncode != 0:
@@ -209,8 +232,12 @@ def _sweep(root: Path, cluster: Path, slots: int, trials: int, low: float, high:
     changed = sorted(n for n, kept in seen.items() if final.get(n) != kept)
     lost = len(changed) + max(0, trials - counts.finished)
     lines = [line.split() for line in record.read_text().splitlines()]
-    ends = Counter(int(n) for n, _, _, what in lines if what == "end")
-    starts = Counter(int(n) for n, _, _, what in lines if what == "start")
+    ends = Counter(int(n) for n, _, _, _, what in lines if what == "end")
+    starts = Counter(int(n) for n, _, _, _, what in lines if what == "start")
+    states = _sacct_states([h["job"] for h in chaos.hits], env)
+    for hit in chaos.hits:  # what each hit did: CANCELLED, or REQUEUED then COMPLETED
+        hit["sacct"] = states.get(hit["job"], [])
+        hit["trial_state"] = final.get(hit["trial"], ("?", None))[0]
     ended_twice = sorted(n for n, k in ends.items() if k > 1)
     complete_params = Counter(
         repr(t.params) for t in all_trials if t.state.name == "COMPLETE" and ends[t.number] >= 1
@@ -229,7 +256,7 @@ def _sweep(root: Path, cluster: Path, slots: int, trials: int, low: float, high:
         "exactly_n_trials": counts.finished == trials,
         "running_at_end": sum(1 for state, _ in final.values() if state == "RUNNING"),
         "runs_restarted": sum(1 for k in starts.values() if k > 1),
-        "jobs_seen_running": len(chaos.seen),
+        "jobs_started": len(chaos.seen),
         "hits": chaos.hits,
         "chaos_errors": chaos.errors,
         "compute": results.get("compute"),
@@ -248,9 +275,9 @@ def run(ctx: Any) -> Any:
         "9",
         "Chaos at cluster scale (SLURM)",
         f"one-node SLURM fixture declaring {slots} CPUs, hydra.sweeper.n_jobs={slots}, {trials} trials of a "
-        f"trivial objective (a sleep of {low:g}-{high:g} s drawn from the param, reports through TrialReporter) "
-        "through the real sweeper with hydra/launcher=slurm; a chaos loop hits 10% of the running jobs, "
-        "alternately scancel and scontrol requeue",
+        f"trivial objective (a sleep of {low:g}-{high:g} s drawn from the param, reports through "
+        "TrialReporter) through the real sweeper with hydra/launcher=slurm; a chaos loop hits 10% of the "
+        "jobs, alternately scancel and scontrol requeue",
     )
     missing = missing_tools()
     if missing:
@@ -288,9 +315,15 @@ def run(ctx: Any) -> Any:
     fig.metrics["slot utilization (compute.slot_utilization)"] = single(
         round(util, 3) if util is not None else None, "busy / (slots x wall)"
     )
-    fig.metrics["jobs seen running"] = single(r["jobs_seen_running"], "jobs")
+    fig.metrics["jobs whose trial started"] = single(r["jobs_started"], "jobs")
     fig.metrics["jobs cancelled (scancel)"] = single(actions["scancel"], "jobs")
     fig.metrics["jobs requeued (scontrol requeue)"] = single(actions["requeue"], "jobs")
+    took = sum(
+        1
+        for h in r["hits"]
+        if ("CANCELLED" if h["action"] == "scancel" else "REQUEUED") in h["sacct"]
+    )
+    fig.metrics["hits that took effect (sacct: CANCELLED / REQUEUED)"] = single(took, "jobs")
     fig.metrics["trial runs restarted (requeued)"] = single(r["runs_restarted"], "trials")
     for key in ("failed", "retried"):
         fig.metrics[f"trials {key}"] = single(r["counts"].get(key), "trials")

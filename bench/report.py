@@ -48,6 +48,14 @@ def markdown(results: dict[str, Any]) -> str:
         "Each figure: median, [min – max] over n repeats. Variants were measured side by side with "
         "interleaved repeats on a shared machine; ratios are taken within a repeat.",
         "",
+    ]
+    if results.get("kept_from_earlier_runs"):
+        lines += [
+            f"Figures {', '.join(results['kept_from_earlier_runs'])} are kept from an earlier run (each says "
+            "which, under `measured_by` in latest.json); this run measured the others.",
+            "",
+        ]
+    lines += [
         "## Machine and versions",
         "",
         f"- CPU: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB memory, "
@@ -109,6 +117,10 @@ def markdown(results: dict[str, Any]) -> str:
                     f"[{row['steps_fraction_min']} – {row['steps_fraction_max']}] | "
                     f"{row['share_of_orders_at_most_half']:.0%} | {row['share_of_orders_same_best']:.0%} |"
                 )
+        if fig["id"] == "8" and "sides" in fig["details"]:
+            lines += _slots_table(fig["details"])
+        if fig["id"] == "9" and "hits" in fig["details"]:
+            lines += _chaos_hits(fig["details"])
         if fig.get("analysis"):
             lines += ["", "Analysis: " + fig["analysis"]]
     lines.append("")
@@ -146,6 +158,32 @@ def _search_replay(details: dict[str, Any]) -> list[str]:
             f"| {pruner_label(row['pruner'])} | {_fmt(st['median'])} [{_fmt(st['min'])} – "
             f"{_fmt(st['max'])}] | {_fmt(bv['median'])} [{_fmt(bv['min'])} – {_fmt(bv['max'])}] | "
             f"{'yes' if row['meets_both'] else 'no'} |"
+        )
+    return lines
+
+
+def _slots_table(details: dict[str, Any]) -> list[str]:
+    """Figure 8: both schedules side by side on the same trial lengths."""
+    lines = [
+        "",
+        "| schedule | slot utilization | time to n_trials (s) | first start to last result (s) | busy (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, side in details["sides"].items():
+        lines.append(
+            f"| {name} | {_fmt(side['utilization'])} | {_fmt(side['wall_s'])} | {_fmt(side['span_s'])} | "
+            f"{_fmt(side['busy_s'])} |"
+        )
+    return lines
+
+
+def _chaos_hits(details: dict[str, Any]) -> list[str]:
+    """Figure 9: every job the chaos loop hit, what accounting says happened to it and how its trial ended."""
+    lines = ["", "| job | trial | action | sacct states | trial state |", "|---|---|---|---|---|"]
+    for hit in details["hits"]:
+        lines.append(
+            f"| {hit['job']} | #{hit['trial']} | {hit['action']} | {' → '.join(hit.get('sacct', []))} | "
+            f"{hit.get('trial_state', '?')} |"
         )
     return lines
 

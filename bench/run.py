@@ -21,7 +21,7 @@ from bench import common, fig3_sweep, fig3b_search
 from bench.common import FULL, SMOKE, Context, Figure, log
 from bench.report import pruner_label
 
-FIGURES = ("1", "2", "P", "5", "3", "4", "3b", "6", "7")  # 3 (3a) and 4 come from the same two sweeps
+FIGURES = ("1", "2", "P", "5", "3", "4", "3b", "6", "7", "8", "9")  # 3 (3a) and 4: the same two sweeps
 DEFAULT_OUT = common.REPO / "bench" / "results"
 DEFAULT_CACHE = common.REPO / ".cache" / "masksweep" / "bench"
 
@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated figures: 1,2,3,3b,4,5,6,7,P (3 = 3a and 4, from the same two sweeps)",
+        help="comma-separated figures: 1,2,3,3b,4,5,6,7,8,9,P (3 = 3a and 4, from the same two sweeps); "
+        "their results replace those figures' in the results directory's latest.json, the others stay",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="results directory (default bench/results[/smoke])"
@@ -73,6 +74,10 @@ def analysis(fig: Figure) -> str | None:
             )
     if fig.id == "3b":
         return fig3b_search.analysis(fig)
+    if fig.id == "8":
+        from bench import fig8_slots
+
+        return fig8_slots.analysis(fig)
     if fig.id == "3a" and fig.targets:
         replay = fig.details.get("pruner_replay_over_all_orders")
         steps = next((t for t in fig.targets if t.name.startswith("steps")), None)
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    order = {f: i for i, f in enumerate(("1", "2", "3a", "3b", "4", "5", "6", "7", "P"))}
+    order = {f: i for i, f in enumerate(("1", "2", "3a", "3b", "4", "5", "6", "7", "8", "9", "P"))}
     figures.sort(key=lambda f: order.get(f.id, 99))
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {
@@ -240,12 +245,33 @@ def main(argv: list[str] | None = None) -> int:
         entry = fig.as_dict()
         entry["analysis"] = fig.details.pop("analysis", None)
         results["figures"].append(entry)
+    if args.only:
+        _keep_other_figures(results, out_dir / "latest.json", order)
     from bench.report import write
 
     json_path, md_path = write(results, out_dir)
     log(f"wrote {md_path} and {json_path} in {results['duration_s'] / 60:.1f} min")
     print(md_path.read_text())
     return 1 if any(f.error for f in figures) else 0
+
+
+def _keep_other_figures(results: dict, previous: Path, order: dict[str, int]) -> None:
+    """`--only`: the figures not run now keep their recorded results (same preset and device), marked with
+    the run that measured them, so a partial run never erases the rest of latest.json."""
+    import json
+
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return
+    if (old.get("preset"), old.get("device")) != (results["preset"], results["device"]):
+        return
+    fresh = {f["id"] for f in results["figures"]}
+    kept = [f for f in old.get("figures", []) if f["id"] not in fresh]
+    for fig in kept:
+        fig.setdefault("measured_by", {k: old.get(k) for k in ("command", "created")})
+    results["figures"] = sorted(results["figures"] + kept, key=lambda f: order.get(f["id"], 99))
+    results["kept_from_earlier_runs"] = sorted({f["id"] for f in kept}, key=lambda i: order.get(i, 99))
 
 
 def _run_figure(figure_id: str, ctx: Context, args: argparse.Namespace):
@@ -275,6 +301,14 @@ def _run_figure(figure_id: str, ctx: Context, args: argparse.Namespace):
         from bench import fig7_scale
 
         yield fig7_scale.run(ctx)
+    elif figure_id == "8":
+        from bench import fig8_slots
+
+        yield fig8_slots.run(ctx)
+    elif figure_id == "9":
+        from bench import fig9_chaos
+
+        yield fig9_chaos.run(ctx)
     elif figure_id == "P":
         from bench import perf_work
 

@@ -2,8 +2,9 @@
 
 Speed is never asserted here (the figures' numbers live only in the benchmark output); this checks that every
 figure ran, and that bench/results-style latest.json / latest.md have the documented shape. Figure 3b (a TPE
-search with vs without pruning) and figure 5's floor comparison run at tiny sizes; the GPU check's --dry-run
-runs bench/gpu_check.sh end to end on the CPU.
+search with vs without pruning), figure 5's floor comparison, figure 8 (batch vs asynchronous slots) and
+figure 9 (chaos on the SLURM fixture, skipped with its reason where SLURM is not installed) run at tiny sizes;
+the GPU check's --dry-run runs bench/gpu_check.sh end to end on the CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = {"1", "2", "3a", "3b", "4", "5", "6", "7", "P"}
+FIGURES = {"1", "2", "3a", "3b", "4", "5", "6", "7", "8", "9", "P"}
 STATUSES = {"met", "missed", "not measured", "reported"}
 TARGET_STATUSES = {"met", "missed", "not measured"}
 
@@ -58,7 +59,7 @@ def test_every_figure_ran_without_error(results: tuple[dict, str]) -> None:
 def test_metrics_carry_median_min_max(results: tuple[dict, str]) -> None:
     data, _ = results
     for figure in data["figures"]:
-        if figure["id"] == "6":
+        if figure["id"] == "6" or "skipped" in figure["details"]:  # no GPU / no SLURM here
             continue
         assert figure["metrics"], figure["id"]
         for name, metric in figure["metrics"].items():
@@ -126,6 +127,33 @@ def test_compare_is_measured_against_the_mlflow_floor(results: tuple[dict, str])
     ratio = next(v for k, v in fig["metrics"].items() if k.endswith("command with chart / floor"))
     assert floor["median"] > 0 and ratio["n"] == floor["n"]
     assert any("floor" in t["name"] for t in fig["targets"])
+
+
+def test_slot_figure_runs_both_schedules_on_the_same_trials(results: tuple[dict, str]) -> None:
+    data, markdown = results
+    fig = next(f for f in data["figures"] if f["id"] == "8")
+    sides = fig["details"]["sides"]
+    assert set(sides) == {"asynchronous", "batch"}
+    for side in sides.values():  # never more jobs in flight than slots, and some slot time was busy
+        assert 0 < side["utilization"] <= 1 and side["span_s"] <= side["wall_s"]
+    assert {t["name"] for t in fig["targets"]} == {
+        "asynchronous slot utilization",
+        "asynchronous / batch time to n_trials",
+    }
+    assert "| asynchronous |" in markdown and "| batch |" in markdown
+
+
+def test_chaos_figure_ends_with_n_trials_or_says_why_it_was_skipped(results: tuple[dict, str]) -> None:
+    data, _ = results
+    fig = next(f for f in data["figures"] if f["id"] == "9")
+    if "skipped" in fig["details"]:
+        assert fig["details"]["skipped"].startswith("skipped: SLURM is not installed")
+        assert fig["status"] == "not measured"
+        return
+    details = fig["details"]
+    assert details["counts"]["finished"] == 20 and details["running_at_end"] == 0
+    assert details["hits"] and {h["action"] for h in details["hits"]} <= {"scancel", "requeue"}
+    assert 0 < details["compute"]["slot_utilization"] <= 1
 
 
 def test_gpu_check_dry_run(tmp_path: Path) -> None:

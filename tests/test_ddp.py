@@ -9,29 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from conftest import signal_once_logged
+from conftest import TINY_OVERRIDES, signal_once_logged
 
 BIN = Path(sys.executable).parent
-TINY = [  # conftest's TINY_OVERRIDES, for a command line; the val count is odd on purpose (3 over 2 ranks)
-    "trainer=smoke",
-    "data.image_size=64",
-    "model.min_size=64",
-    "model.max_size=64",
-    "data.num_train=4",
-    "data.num_val=3",
-    "epochs=1",
-    "++model.pretrain.enabled=false",
-    "device=cpu",
-]
+# The val count is odd on purpose: 3 images over 2 ranks.
+TINY = [*TINY_OVERRIDES, "data.num_val=3", "device=cpu"]
 STEPS = 2  # K steps of the equivalence test
 
 
@@ -308,7 +301,9 @@ def test_a_diverging_ddp_trial_stops_both_ranks_killed(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     stops = [line for line in result.stderr.splitlines() if line.startswith("masksweep-train: trial")]
-    assert len(stops) == 2 and stops[0] == stops[1], result.stderr[-3000:]  # both ranks, the same step
+    # Rank 1 exits on its own and prints its line; rank 0, the run's recorder, usually too, unless torchrun's
+    # SIGTERM (sent when rank 1 exits non-zero) ends it first: its stop is the KILLED run below.
+    assert stops and all(line == stops[0] for line in stops), result.stderr[-3000:]  # one step for all
     assert "diverged" in stops[0]
     client, runs = mlflow_runs(tmp_path)
     (run,) = runs
@@ -353,8 +348,47 @@ def test_sigterm_stops_every_rank_and_the_trial_resumes_on_two(tmp_path: Path) -
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ap_segm")] == [1, 2]
 
 
+def unreadable_on_rank_1(split: str, **keys: Any) -> Any:
+    """`data._target_` of the test below: the synthetic data, whose train images rank 1 cannot read after
+    the contract check's first read (a node with a bad disk): a DataError mid-epoch on one rank only."""
+    from masksweep.data.synthetic import synthetic
+    from masksweep.errors import DataError
+
+    dataset = synthetic(split, **keys)
+    if split != "train" or os.environ.get("RANK") != "1":
+        return dataset
+    base, reads = type(dataset), iter(range(1_000_000))
+
+    class Unreadable(base):
+        def __getitem__(self, index: int) -> Any:
+            if next(reads) >= 1:
+                raise DataError(f"image {index}: unreadable on this node")
+            return base.__getitem__(self, index)
+
+    dataset.__class__ = Unreadable
+    return dataset
+
+
+@pytest.mark.slow
+def test_a_data_error_on_one_rank_fails_the_run_with_its_cause(tmp_path: Path) -> None:
+    """Item 5: rank 1 fails mid-epoch while rank 0 waits for it in DDP's gradient all-reduce; the one run
+    ends FAILED with rank 1's error (not KILLED by torchrun's SIGTERM, nor a connection error)."""
+    overrides = ["data._target_=test_ddp.unreadable_on_rank_1", f"data.cache_dir={tmp_path}"]
+    env = {**ENV, "PYTHONPATH": str(Path(__file__).parent)}
+    command = torchrun_command(train_args(overrides))
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("masksweep-train: ")]
+    cause = lines[0].removeprefix("masksweep-train: ")  # rank 1's own line, printed before it exits
+    assert re.fullmatch(r"image \d+: unreadable on this node", cause), result.stderr[-3000:]
+    (run,) = mlflow_runs(tmp_path)[1]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == f"StoppedElsewhere: rank 1 failed: DataError: {cause}"
+
+
 def _stop_worker(out_dir: Path) -> None:
-    """Two agreements: rank 0's pruner stops rank 1; an error on rank 1 only (a bad image) stops rank 0."""
+    """Two agreements: rank 0's pruner stops rank 1; an error on rank 1 only (a bad image) stops rank 0.
+    Then a failure outside any agreement: rank 0 stops with rank 1's error."""
     from masksweep import distributed
     from masksweep.errors import TrialPruned
 
@@ -368,6 +402,14 @@ def _stop_worker(out_dir: Path) -> None:
                 outcomes.append("went on")
             except Exception as exc:
                 outcomes.append(f"{type(exc).__name__}: {exc}")
+        # Last, as it breaks the group: rank 1 fails between agreements while rank 0 waits in a collective.
+        try:
+            with distributed.peer_failures():
+                if world.rank == 1:
+                    raise ValueError("bad image y.png")
+                torch.distributed.barrier()  # broken by rank 1 leaving: a connection error, the symptom
+        except Exception as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
         (out_dir / f"rank{world.rank}.json").write_text(json.dumps(outcomes))
 
 
@@ -378,8 +420,13 @@ def test_a_stop_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "rank0.json").read_text()) == [
         pruned,
         "StoppedElsewhere: rank 1 failed: ValueError: bad image x.png",
+        "StoppedElsewhere: rank 1 failed: ValueError: bad image y.png",  # the cause, not the symptom
     ]
-    assert json.loads((tmp_path / "rank1.json").read_text()) == [pruned, "ValueError: bad image x.png"]
+    assert json.loads((tmp_path / "rank1.json").read_text()) == [
+        pruned,
+        "ValueError: bad image x.png",
+        "ValueError: bad image y.png",
+    ]
 
 
 @pytest.mark.slow
@@ -403,6 +450,7 @@ def test_a_slurm_sweep_with_two_tasks_per_node_runs_ddp_trials(
         "hydra.sweeper.n_trials=2",
         "lr=choice(0.001, 0.002)",
         "device=cpu",
+        "trainer.ddp_timeout_s=120",  # a rank that cannot meet the other fails in minutes, not half an hour
     )
     result = subprocess.run(
         command, cwd=workdir, capture_output=True, text=True, timeout=600, env=env(slurm_cluster)

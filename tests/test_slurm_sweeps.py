@@ -143,8 +143,8 @@ def test_a_time_limit_requeues_the_job_and_the_trial_resumes(
     )
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    # A 1-minute limit and SIGUSR2 30 s before it (SLURM sends it on its own once-a-minute check, so about 20 s
-    # into the job here): the trial's 6 epochs of about 3 s each cannot finish in one go.
+    # A 1-minute limit and SIGUSR2 30 s before it (SLURM sends it at its own once-a-minute check, so about
+    # 20 s into the job here): the trial's 6 epochs of about 3 s each cannot finish in one go.
     command = slurm_sweep(
         synthetic_cache,
         workdir,

@@ -129,7 +129,7 @@ def test_an_interrupted_job_is_failed_for_a_retry() -> None:
 
 def test_retried_trials_are_counted_by_why_they_failed(journal) -> None:
     """The end-of-sweep line tells a dead worker's trial (stale) from one stopped by a signal or lost job."""
-    from hydra_plugins.masksweep_optuna._outcomes import lost_job
+    from hydra_plugins.masksweep_optuna._outcomes import lost_job, with_log
     from hydra_plugins.masksweep_optuna._results import count_trials, retry_cause
     from masksweep.study.heartbeat import fail_and_retry
 
@@ -141,7 +141,9 @@ def test_retried_trials_are_counted_by_why_they_failed(journal) -> None:
     reasons = [
         "stale: no heartbeat from host:1 for 200s",
         classify(ret).message,
-        lost_job(RuntimeError("Job 7 has not produced any output (state: CANCELLED)"), "/logs/7.err").message,
+        with_log(
+            lost_job(RuntimeError("Job 7 has not produced any output (state: CANCELLED)")), "/logs/7.err"
+        ).message,
     ]
     for reason in reasons:
         trial = study.ask(dist)

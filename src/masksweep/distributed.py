@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _AGREED = "_masksweep_agreed"  # set on an exception that every rank raised together
+_FAILED_KEY = "masksweep/failed"  # the process group store's key for the first failing rank's line
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,13 @@ def launched_world() -> World:
         from submitit import JobEnvironment
         from submitit.helpers import TorchDistributedEnvironment
 
-        if JobEnvironment().num_tasks == 1:
+        job = JobEnvironment()
+        if job.num_tasks == 1:
             return World()
         # CUDA_VISIBLE_DEVICES stays as SLURM set it: the device is cuda:LOCAL_RANK, as under torchrun.
         found = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        if job.num_nodes == 1:  # the rendezvous stays on the node, whether or not its SLURM name resolves
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
         return World(found.rank, found.world_size, found.local_rank)
     return World()
 
@@ -105,6 +109,12 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[World]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     log.info("Process %d of %d (%s)", launched.rank, launched.size, backend)
+    # Rank 0 tells the story; the others only warn (torchvision's setup_for_distributed), so the epoch lines
+    # are not printed N times, once with each rank's own shard of the val images.
+    package_log = logging.getLogger("masksweep")
+    level = package_log.level
+    if not launched.main:
+        package_log.setLevel(logging.WARNING)
     try:
         yield world()
     except BaseException as exc:
@@ -117,6 +127,7 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[World]:
                 log.warning("ranks did not meet after the stop: %s", barrier_exc)
         raise
     finally:
+        package_log.setLevel(level)
         dist.destroy_process_group()
 
 
@@ -221,6 +232,41 @@ def _portable(exc: BaseException, rank: int) -> BaseException:
     if isinstance(exc, KeyboardInterrupt):
         return Interrupted(2)
     return StoppedElsewhere(f"rank {rank} failed: {type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def peer_failures() -> Iterator[None]:
+    """Stop with the cause, not the symptom, when a rank fails between two agreements (a data error
+    mid-epoch). The others are then waiting in the next collective until the failed rank's exit breaks it or
+    the launcher stops them (torchrun's SIGTERM), and would record that: KILLED, or a connection error. The
+    first rank to fail leaves its one line in the process group's store; a rank stopped after it raises that
+    line instead, so rank 0's run ends FAILED with the cause, as in one process."""
+    if not world().distributed:
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        if _agreed(exc):
+            raise
+        mine = None if isinstance(exc, KeyboardInterrupt) else str(_portable(exc, world().rank))
+        first = _first_failure(mine)
+        if first is not None and first != mine:
+            raise StoppedElsewhere(first) from exc
+        raise
+
+
+def _first_failure(mine: str | None) -> str | None:
+    """The first failing rank's line: `mine` if no rank failed before (a signal claims nothing)."""
+    # The default store: the one init_process_group built (torchrun's agent, or rank 0's TCPStore).
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        if mine is None:
+            return store.get(_FAILED_KEY).decode() if store.check([_FAILED_KEY]) else None
+        return store.compare_set(_FAILED_KEY, "", mine).decode()
+    except Exception as exc:  # the store's host is gone too: nothing more to learn
+        log.warning("could not read the failing rank from the process group's store: %s", exc)
+        return None
 
 
 def _agreed(exc: BaseException) -> bool:

@@ -530,7 +530,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # A trial launched as several processes (torchrun, a multi-task SLURM job) is one DDP trial; else a no-op.
     with distributed.process_group(plan.device, cfg.trainer.get("ddp_timeout_s", DDP_TIMEOUT_S)) as world:
         trial = Trial(cfg, _for_rank(plan, world))
-        with trial.tracker.recording(), trial.checkpoints, trial.accounting():
+        # peer_failures innermost: the run records a failed rank's error, not this rank's symptom of it.
+        with trial.tracker.recording(), trial.checkpoints, trial.accounting(), distributed.peer_failures():
             trial.begin()
             for epoch in trial.epochs():
                 trial.run_epoch(epoch)

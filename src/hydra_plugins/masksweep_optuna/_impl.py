@@ -45,7 +45,7 @@ from masksweep.tracking.parent import StudyParent
 from ._budget import Budget
 from ._end import TRIAL_NAME_ATTR, StudyEnd
 from ._launch import Handle, Launch, Result, adopt
-from ._outcomes import Outcome, classify, lost_job
+from ._outcomes import Outcome, classify, lost_job, with_log
 from ._results import count_trials, trial_label
 from ._samplers import build_sampler, default_study_name, sweep_name
 from ._settings import Settings, SweepError, SweepInterrupted
@@ -307,7 +307,8 @@ class MasksweepOptunaSweeperImpl:
             metric = OmegaConf.select(result.cfg, "optimized_metric") if result.cfg is not None else None
             outcome = classify(result, metric if isinstance(metric, str) else None)
         else:
-            outcome = lost_job(result, flight.handle.log_file)
+            outcome = lost_job(result)
+        outcome = with_log(outcome, flight.handle.log_file)
         self._tell(trial, outcome, result)
         self.budget.check_failure_rate()
         if outcome.retry and self.launch.inline:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -101,11 +101,19 @@ def classify(ret: JobReturn, metric: str | None = None) -> Outcome:
     return Outcome(TrialState.FAIL, user_attrs={"error": why}, message=why)
 
 
-def lost_job(exc: BaseException, log_file: str | None) -> Outcome:
+def lost_job(exc: BaseException) -> Outcome:
     """A job that ended without a result: cancelled, killed, out of requeues, its node failed. Nothing is
     known to be wrong with its params, so the trial is retried from its last checkpoint."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = f"{type(exc).__name__}: {first}"[:ERROR_CHARS]
-    if log_file:
-        text += f" (log: {log_file})"
     return Outcome(TrialState.FAIL, user_attrs={"error": text}, message=f"job lost: {text}", retry=True)
+
+
+def with_log(outcome: Outcome, log_file: str | None) -> Outcome:
+    """A failed trial's error names the job's log file, where its traceback is."""
+    if outcome.state != TrialState.FAIL or not log_file:
+        return outcome
+    where = f" (log: {log_file})"
+    error = str(outcome.user_attrs.get("error", ""))[: ERROR_CHARS - len(where)] + where
+    attrs = {**outcome.user_attrs, "error": error}
+    return replace(outcome, user_attrs=attrs, message=outcome.message + where)
