@@ -1,7 +1,7 @@
 """`python -m bench`: run the figures, write bench/results/latest.{md,json}.
 
 python -m bench                    # make bench: every figure, full sizes (under 20 min on a 2-core CPU)
-python -m bench --smoke            # make bench-smoke: tiny sizes (~1.5 min), into bench/results/smoke
+python -m bench --smoke            # make bench-smoke: tiny sizes (~3 min), into bench/results/smoke
 python -m bench --only 1,2         # some figures
 python -m bench --device cuda      # on a GPU machine: figure 6 too (and 1, 2, 5c on the GPU)
 """

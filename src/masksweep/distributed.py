@@ -17,6 +17,7 @@ The processes agree on every stop without extra waits, at points all of them rea
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -79,8 +80,14 @@ def launched_world() -> World:
         job = JobEnvironment()
         if job.num_tasks == 1:
             return World()
+        if "MASTER_PORT" not in env:
+            # submitit's port depends on the job id alone: ids repeat across clusters, and a requeued job
+            # keeps its id while its last attempt's port may still be held. All tasks share these three.
+            key = f"{env.get('SUBMITIT_FOLDER')}:{job.job_id}:{env.get('SLURM_RESTART_COUNT', '0')}"
+            env["MASTER_PORT"] = str(20000 + int(hashlib.sha256(key.encode()).hexdigest(), 16) % 40000)
         # CUDA_VISIBLE_DEVICES stays as SLURM set it: the device is cuda:LOCAL_RANK, as under torchrun.
-        found = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # overwrite: MASTER_PORT is set (above, or by the user, whose value it keeps).
+        found = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         if job.num_nodes == 1:  # the rendezvous stays on the node, whether or not its SLURM name resolves
             os.environ["MASTER_ADDR"] = "127.0.0.1"
         return World(found.rank, found.world_size, found.local_rank)

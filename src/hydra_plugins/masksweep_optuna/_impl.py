@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 # The job-config keys that carry the trial's identity (conf/train.yaml's `optuna:` block).
 IDENTITY_KEYS = ("optuna.storage", "optuna.study_name", "optuna.trial_number")
 STUDY_DIR_ATTR = "masksweep:sweep_dir"  # study: the first worker's sweep dir, where the one summary goes
-POLL_S = 0.5  # how often in-flight jobs are looked at (a result file appears at once; the scheduler is asked
+ASK_AGAIN_S = 5.0  # with the budget spent: how often to look for retries (stale or dead trials) to take on
+POLL_S = 0.2  # how often in-flight jobs are looked at (a result file appears at once; the scheduler is asked
 # every hydra.sweeper.slurm_poll_interval seconds)
 
 
@@ -127,6 +128,7 @@ class MasksweepOptunaSweeperImpl:
         self.slots = slots
         self.clock = SlotClock(slots)
         self.running: dict[int, InFlight] = {}
+        self._ask_after = 0.0
         self.results: list[JobReturn] = []
         others_live = bool(self.registry.live_workers(self.me, grace))
         self.registry.join(self.me)
@@ -222,11 +224,13 @@ class MasksweepOptunaSweeperImpl:
             time.sleep(float(min(self.settings.heartbeat_interval, 10)))
 
     def _fill(self) -> bool:
-        """Ask and start trials while a slot is free; True if any started."""
+        """Ask and start trials while a slot is free; True if any started. When the budget is spent, asking
+        again (the study lock, a pass over its trials) waits until a trial ends or ASK_AGAIN_S pass."""
         started = False
-        while len(self.running) < self.slots:
+        while len(self.running) < self.slots and time.monotonic() >= self._ask_after:
             trial = self.budget.claim(adopt=self._adopt)
             if trial is None:
+                self._ask_after = time.monotonic() + ASK_AGAIN_S
                 break
             started = True
             self._start(trial)
@@ -300,6 +304,7 @@ class MasksweepOptunaSweeperImpl:
     def _finish(self, flight: InFlight, result: Result) -> None:
         trial = flight.trial
         self.running.pop(trial.number, None)
+        self._ask_after = 0.0  # a slot is free, and a retry may be waiting
         self.heartbeat.untrack(trial._trial_id)
         self.clock.add(time.time() - flight.started)
         if isinstance(result, JobReturn):

@@ -144,6 +144,8 @@ class MLflowTracker(Tracker):
         every `every_s` seconds, by MLflow's own SystemMetricsMonitor on a thread (None: off)."""
         if every_s is None:
             return
+        # Its INFO lines (started, no GPU, stopped) would print around every trial's own one-line outcome.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
