@@ -45,6 +45,10 @@ def env(cluster: SlurmCluster) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_CONF": str(cluster.conf)}
 
 
+def run_sweep(command: list[str], cluster: SlurmCluster, workdir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900, env=env(cluster))
+
+
 def job_of(workdir: Path, study: str, number: int) -> str | None:
     """The SLURM job id the sweeper recorded for a trial (None until it is submitted)."""
     try:
@@ -63,6 +67,34 @@ def reported(workdir: Path, study: str, number: int, epoch: int) -> bool:
     return len(trials) > number and epoch in trials[number].intermediate_values
 
 
+def two_trials_in_flight(
+    cluster: SlurmCluster, cache: Path, workdir: Path, study: str
+) -> tuple[list[str], subprocess.Popen]:
+    """A 2-slot, 2-trial sweep, returned once trial 0 has finished its first epoch (and is mid-trial)."""
+    command = slurm_sweep(
+        cache,
+        workdir,
+        study,
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+        "lr=choice(0.001, 0.002)",
+        "epochs=4",
+    )
+    # Its own session, so a test can kill -9 the sweeper alone; stderr kept for the exit's reason.
+    sweeper = subprocess.Popen(
+        command,
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(cluster),
+        start_new_session=True,
+    )
+    wait_for(lambda: reported(workdir, study, 0, 1) or sweeper.poll() is not None, 300, "trial 0's epoch 1")
+    assert sweeper.poll() is None, "the sweep ended before its trial could be hit"
+    return command, sweeper
+
+
 def no_running_run(uri: str) -> None:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("masksweep")
@@ -72,27 +104,7 @@ def no_running_run(uri: str) -> None:
 def test_a_cancelled_job_fails_and_retries_its_own_trial_only(
     slurm_cluster: SlurmCluster, workdir: Path, synthetic_cache: Path
 ) -> None:
-    command = slurm_sweep(
-        synthetic_cache,
-        workdir,
-        "cancel",
-        "hydra.sweeper.n_jobs=2",
-        "hydra.sweeper.n_trials=2",
-        "lr=choice(0.001, 0.002)",
-        "epochs=4",
-    )
-    sweeper = subprocess.Popen(
-        command,
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(slurm_cluster),
-    )
-    wait_for(
-        lambda: reported(workdir, "cancel", 0, 1) or sweeper.poll() is not None, 300, "trial 0's epoch 1"
-    )
-    assert sweeper.poll() is None, "the sweep ended before its job could be cancelled"
+    _, sweeper = two_trials_in_flight(slurm_cluster, synthetic_cache, workdir, "cancel")
     cancelled = job_of(workdir, "cancel", 0)
     scancel(cancelled)
     _, err = sweeper.communicate(timeout=600)
@@ -130,43 +142,45 @@ def test_a_cancelled_job_fails_and_retries_its_own_trial_only(
 def test_a_time_limit_requeues_the_job_and_the_trial_resumes(
     slurm_cluster: SlurmCluster, workdir: Path, synthetic_cache: Path
 ) -> None:
-    trial = ("lr=choice(0.001)", "epochs=6", "trainer.limit_train_batches=6", "data.num_train=12")
-    reference = subprocess.run(
+    # SLURM sends the --signal (SIGUSR2, which makes submitit requeue the job) at a periodic check up to 30 s
+    # before it is due: with a 2-minute limit and signal_delay_s=60, between 30 and 60 s into the job. The
+    # trial (about 20 x 3 s of epochs, plus start-up) outlasts that, so it is requeued at least once, and the
+    # next attempt has the time to finish.
+    epochs = 20
+    trial = ("lr=choice(0.001)", f"epochs={epochs}", "trainer.limit_train_batches=6", "data.num_train=12")
+    reference = subprocess.Popen(  # the same trial uninterrupted, meanwhile (one thread each)
         sweep_command(
             synthetic_cache, workdir / "reference", "reference", "hydra.sweeper.n_trials=1", *trial
         ),
         cwd=workdir,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         env=env(slurm_cluster),
     )
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
-    # A 1-minute limit and SIGUSR2 30 s before it (SLURM sends it at its own once-a-minute check, so about
-    # 20 s into the job here): the trial's 6 epochs of about 3 s each cannot finish in one go.
     command = slurm_sweep(
         synthetic_cache,
         workdir,
         "limit",
-        "hydra.launcher.timeout_min=1",
-        "hydra.launcher.signal_delay_s=30",
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=60",
         "hydra.sweeper.n_trials=1",
         *trial,
     )
-    result = subprocess.run(
-        command, cwd=workdir, capture_output=True, text=True, timeout=900, env=env(slurm_cluster)
-    )
+    result = run_sweep(command, slurm_cluster, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
+    _, err = reference.communicate(timeout=900)
+    assert reference.returncode == 0, err[-3000:]
 
     (t,) = study_of(workdir, "limit").trials
     assert t.state == TrialState.COMPLETE
-    assert sorted(t.intermediate_values) == list(range(1, 7))
+    assert sorted(t.intermediate_values) == list(range(1, epochs + 1))
     (run,) = runs_of(workdir, "limit")  # one trial, one run, continued across the requeues
-    assert run.info.status == "FINISHED" and int(run.data.tags["masksweep.requeues"]) >= 1
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags.get("masksweep.requeues", 0)) >= 1, "the trial finished before its time limit"
     client = MlflowClient(default_store(workdir)[0])
-    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "train/epoch_loss")]
-    assert sorted(epochs) == list(range(1, 7))  # epoch 1 (and every other) trained once
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/epoch_loss")]
+    assert sorted(logged) == list(range(1, epochs + 1))  # epoch 1 (and every other) trained once
     (ref,) = study_of(workdir, "reference").trials
     assert t.value == ref.value  # to the last digit: the resumed trial is the uninterrupted one
     assert t.intermediate_values == ref.intermediate_values
@@ -175,33 +189,12 @@ def test_a_time_limit_requeues_the_job_and_the_trial_resumes(
 def test_a_killed_sweeper_is_rerun_and_adopts_its_jobs(
     slurm_cluster: SlurmCluster, workdir: Path, synthetic_cache: Path
 ) -> None:
-    command = slurm_sweep(
-        synthetic_cache,
-        workdir,
-        "orphans",
-        "hydra.sweeper.n_jobs=2",
-        "hydra.sweeper.n_trials=2",
-        "lr=choice(0.001, 0.002)",
-        "epochs=4",
-    )
-    sweeper = subprocess.Popen(
-        command,
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env(slurm_cluster),
-        start_new_session=True,
-    )
-    wait_for(
-        lambda: reported(workdir, "orphans", 0, 1) or sweeper.poll() is not None, 300, "trial 0's epoch 1"
-    )
-    assert job_of(workdir, "orphans", 1) is not None and sweeper.poll() is None
+    command, sweeper = two_trials_in_flight(slurm_cluster, synthetic_cache, workdir, "orphans")
+    assert job_of(workdir, "orphans", 1) is not None
     os.killpg(sweeper.pid, signal.SIGKILL)
     sweeper.wait()
     jobs = [job_of(workdir, "orphans", n) for n in (0, 1)]
-    rerun = subprocess.run(
-        command, cwd=workdir, capture_output=True, text=True, timeout=600, env=env(slurm_cluster)
-    )
+    rerun = run_sweep(command, slurm_cluster, workdir)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.count(": adopted (its worker process") == 2, rerun.stdout[-3000:]
 
@@ -235,9 +228,7 @@ def test_an_unknown_partition_is_one_line_before_any_job(
         "hydra.sweeper.n_trials=1",
         "lr=choice(0.001)",
     )
-    result = subprocess.run(
-        command, cwd=workdir, capture_output=True, text=True, timeout=300, env=env(slurm_cluster)
-    )
+    result = run_sweep(command, slurm_cluster, workdir)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "masksweep-train: hydra.launcher.partition=gpu is not a partition of this cluster; "

@@ -107,6 +107,7 @@ def test_diverged_crashed_and_bad_returns_get_their_states(tmp_path: Path) -> No
         "running": 0,
         "waiting": 0,
         "retried": 0,
+        "interrupted": 0,
         "surplus": 0,
         "finished": 6,
     }

@@ -40,6 +40,7 @@ PROVENANCE = {
     "version.torch",
     "version.torchvision",
     "data.fingerprint",
+    "world_size",  # processes of the trial (DDP)
 }
 
 
@@ -81,7 +82,7 @@ def test_tiny_trial_is_recorded_exactly(
     assert set(run.data.params) == set(expected) | PROVENANCE
     assert {k: run.data.params[k] for k in expected} == expected
     assert run.data.params["lr"] == str(cfg.lr) and run.data.params["optimizer._target_"] == "torch.optim.SGD"
-    assert len(run.data.params["data.fingerprint"]) == 16
+    assert len(run.data.params["data.fingerprint"]) == 16 and run.data.params["world_size"] == "1"
     # Metrics: the final values train() returned, bit for bit, and per-step / per-epoch series.
     for key, value in metrics.items():
         if key != "run_id":

@@ -11,8 +11,9 @@ The processes agree on every stop without extra waits, at points all of them rea
   gradients, so every rank latches the same step and raises at the same host sync;
 - everything decided on rank 0 (pruning) or that may fail on one rank between collectives goes through
   `stop_together`, which raises the first rank's stop on every rank;
-- anything else (a rank killed, a data error mid-epoch) is ended by the launcher (torchrun stops the other
-  workers when one fails) or, as a last resort, by the process group's timeout: no rank waits for ever.
+- a rank failing alone (a data error mid-epoch) leaves the others in a collective until its exit breaks it
+  or the launcher stops them (torchrun's SIGTERM); `peer_failures` then makes them stop with its error. The
+  process group's timeout is the last resort: no rank waits for ever.
 """
 
 from __future__ import annotations

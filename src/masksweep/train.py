@@ -624,7 +624,8 @@ def trial_main(cfg: DictConfig) -> float | None:
         if _full_error():
             raise
         raise SystemExit(1) from None
-    print_report(metrics)
+    if os.environ.get("RANK", "0") == "0":  # a DDP trial reports once, on rank 0 (torchrun, submitit: RANK)
+        print_report(metrics)
     return metrics[cfg.optimized_metric]
 
 

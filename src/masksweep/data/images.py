@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,16 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 
 def _open_upright(path: Path) -> Image.Image:
     """Decode `path` fully, rotated as a viewer shows it (annotations are drawn on the upright image)."""
+    with _naming(path, "decoded"), Image.open(path) as raw:
+        raw.load()  # truncated files only fail here, and we want the failure now, naming the file
+        return ImageOps.exif_transpose(raw)
+
+
+@contextmanager
+def _naming(path: Path, verb: str) -> Iterator[None]:
+    """PIL's errors while `path` is read, as the one-line DataError that names the file."""
     try:
-        with Image.open(path) as raw:
-            raw.load()  # truncated files only fail here, and we want the failure now, naming the file
-            return ImageOps.exif_transpose(raw)
+        yield
     except FileNotFoundError as e:
         raise DataError(f"image file {path} does not exist; expected a readable image file") from e
     except UnidentifiedImageError as e:
@@ -28,27 +36,18 @@ def _open_upright(path: Path) -> Image.Image:
             f"image file {path} cannot be decoded (unknown format); expected a PNG/JPEG/... image"
         ) from e
     except _DECODE_ERRORS as e:
-        raise DataError(f"image file {path} cannot be decoded ({e}); expected a complete, valid image") from e
+        raise DataError(f"image file {path} cannot be {verb} ({e}); expected a complete, valid image") from e
 
 
 def header_size(path: Path) -> tuple[int, int]:
     """(width, height) as `read_rgb` will decode it (EXIF rotation included), from the file's header only:
     PIL's open() parses the header and defers decoding, so checking every image of a split stays cheap."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            # Only an orientation the header already holds: PngImageFile.getexif() decodes the whole image
-            # when its EXIF chunk comes after the pixels, and such files are rare.
-            if "exif" in image.info and image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
-                width, height = height, width  # exif_transpose turns these a quarter
-    except FileNotFoundError as e:
-        raise DataError(f"image file {path} does not exist; expected a readable image file") from e
-    except UnidentifiedImageError as e:
-        raise DataError(
-            f"image file {path} cannot be decoded (unknown format); expected a PNG/JPEG/... image"
-        ) from e
-    except _DECODE_ERRORS as e:
-        raise DataError(f"image file {path} cannot be read ({e}); expected a complete, valid image") from e
+    with _naming(path, "read"), Image.open(path) as image:
+        width, height = image.size
+        # Only an orientation the header already holds: PngImageFile.getexif() decodes the whole image
+        # when its EXIF chunk comes after the pixels, and such files are rare.
+        if "exif" in image.info and image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+            width, height = height, width  # exif_transpose turns these a quarter
     return width, height
 
 
