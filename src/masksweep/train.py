@@ -325,8 +325,11 @@ class Trial:
         from masksweep.tracking import log_run_inputs
 
         cfg, tracker, directory = self.cfg, self.tracker, str(self.checkpoints.directory.absolute())
-        extra = {"data.fingerprint": dataset_fingerprint(self.train_set), "world_size": str(self.world.size)}
-        log_run_inputs(tracker, cfg, extra)
+        # A reopened run (a requeued job) keeps its first attempt's params: MLflow refuses a changed value,
+        # and the code's provenance (git.commit) may have moved on while the job waited in the queue.
+        if not tracker.reopened:
+            extra = {"data.fingerprint": dataset_fingerprint(self.train_set)}
+            log_run_inputs(tracker, cfg, {**extra, "world_size": str(self.world.size)})
         if self.reporter is not None:
             self.reporter.set_user_attr(CHECKPOINT_DIR_ATTR, directory)
         if self.plan.previous is not None:  # the dead attempt could not end its own run
