@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +16,7 @@ from masksweep.study.compute import SLOTS_ATTR_PREFIX, SlotClock, study_compute
 from masksweep.study.heartbeat import WorkerIdentity
 from masksweep.study.registry import SUMMARY_ATTR, StudyRegistry
 from masksweep.tracking.parent import StudyParent
+from masksweep.tracking.store import first_line
 
 from ._budget import Budget
 from ._outcomes import interrupted
@@ -78,9 +79,11 @@ class StudyEnd:
                     self.parent.finish(self.study_dir if mine else None)
                 else:
                     kind = "KILLED" if error is not None and interrupted(error) else "FAILED"
-                    self.parent.stop(kind, _one_line(f"the study stopped before n_trials: {error or status}"))
+                    self.parent.stop(
+                        kind, first_line(f"the study stopped before n_trials: {error or status}")
+                    )
         except Exception as exc:  # never hide the sweep's own outcome behind a reporting problem
-            log.warning("could not end the study's records: %s", _one_line(exc))
+            log.warning("could not end the study's records: %s", first_line(exc))
 
     def compute(self) -> dict[str, float]:
         attrs = self.registry.storage.get_study_system_attrs(self.registry.study_id)
@@ -144,7 +147,7 @@ class StudyEnd:
             metrics = evaluate_run_on_test(run_id, self.parent.client.tracking_uri)
             self.parent.log_metrics(metrics)
         except Exception as exc:
-            log.warning("could not score %s on the test split: %s", label, _one_line(exc))
+            log.warning("could not score %s on the test split: %s", label, first_line(exc))
             return
         log.info(
             "study %s: best trial %s on the held-out test split: %s",
@@ -154,8 +157,3 @@ class StudyEnd:
                 f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("ap_bbox", "ap_segm", "iou_global"))
             ),
         )
-
-
-def _one_line(err: Any) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -17,9 +17,7 @@ retry one whose worker dies, then writes the final results.
 from __future__ import annotations
 
 import logging
-import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +27,7 @@ import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from masksweep.errors import MasksweepError
@@ -41,15 +38,17 @@ from masksweep.study.compute import SlotClock
 from masksweep.study.heartbeat import HeartbeatThread, WorkerIdentity, fail_and_retry
 from masksweep.study.registry import StudyRegistry
 from masksweep.tracking.parent import StudyParent
+from masksweep.tracking.store import first_line
 
 from ._budget import Budget
 from ._end import TRIAL_NAME_ATTR, StudyEnd
 from ._launch import Handle, Launch, Result, adopt
 from ._outcomes import Outcome, classify, lost_job, with_log
 from ._results import count_trials, trial_label
-from ._samplers import build_sampler, default_study_name, sweep_name
+from ._samplers import default_study_name, sweep_name
 from ._settings import Settings, SweepError, SweepInterrupted
-from ._space import SearchSpace, SearchSpaceError, grid_space, parse_search_space, quote
+from ._setup import check_space, exclude_identity_from_override_dirname, open_study
+from ._space import quote
 
 if TYPE_CHECKING:
     from hydra.plugins.launcher import Launcher
@@ -82,7 +81,7 @@ class MasksweepOptunaSweeperImpl:
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
-        _exclude_identity_from_override_dirname(config)
+        exclude_identity_from_override_dirname(config)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -91,7 +90,8 @@ class MasksweepOptunaSweeperImpl:
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         s = self.settings
-        space, sampler_name, n_trials = self._check_space(arguments)
+        checked = check_space(s, arguments, self.hydra_context, self.config)
+        space = self.space = checked.space
         self.launch = Launch(self.launcher)
         self.launch.check()
         slots = int(s.n_jobs or 1)
@@ -106,17 +106,18 @@ class MasksweepOptunaSweeperImpl:
         self.sweep_dir = Path(str(self.config.hydra.sweep.dir))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
-        study, worker_index, existing = self._open_study(study_name)
-        self.study = study
+        opened = open_study(s, self.spec, space, study_name)
+        study = self.study = opened.study
+        self.storage, self.lock = opened.storage, opened.lock
         self.registry = StudyRegistry(self.storage, study_name, self.lock)
         log.info(
             "study %s: %d trials so far, budget n_trials=%d, sampler %s, pruner %s, worker %d, n_jobs %d",
             study_name,
-            existing,
-            n_trials,
-            sampler_name,
+            opened.existing,
+            checked.n_trials,
+            checked.sampler_name,
             B.pruner_spec(s.pruner)["name"],
-            worker_index,
+            opened.worker_index,
             slots,
         )
         log.info("  open it: %s", self.spec.dashboard_hint(study_name))
@@ -137,7 +138,15 @@ class MasksweepOptunaSweeperImpl:
         )
         self.heartbeat.start()
         self.budget = Budget(
-            study, self.lock, self.spec.kind, s, n_trials, space, self._grid, self.me, self.heartbeat
+            study,
+            self.lock,
+            self.spec.kind,
+            s,
+            checked.n_trials,
+            space,
+            checked.grid,
+            self.me,
+            self.heartbeat,
         )
         end: StudyEnd | None = None
         error: BaseException | None = None
@@ -336,7 +345,7 @@ class MasksweepOptunaSweeperImpl:
                 self.study,
                 self.storage,
                 frozen,
-                f"interrupted: {type(err).__name__}: {_one_line(err)}",
+                f"interrupted: {type(err).__name__}: {first_line(err)}",
                 self.settings.max_retry,
             )
         self.running.clear()
@@ -348,7 +357,7 @@ class MasksweepOptunaSweeperImpl:
             )
         if isinstance(err, Exception) and not isinstance(err, MasksweepError):
             raise SweepError(
-                f"the launcher failed: {type(err).__name__}: {_one_line(err)}; its trials are queued again: "
+                f"the launcher failed: {type(err).__name__}: {first_line(err)}; its trials are queued again: "
                 "run the same command to resume the study"
             ) from err
 
@@ -422,120 +431,6 @@ class MasksweepOptunaSweeperImpl:
         return [*self.space.job_overrides(trial.params), *keep_dir, *identity]
 
     # ------------------------------------------------------------------ set-up checks
-    def _check_space(self, arguments: list[str]) -> tuple[SearchSpace, str, int]:
-        """Everything about the search space that can be wrong, checked before any storage or run is made."""
-        s = self.settings
-        try:
-            space = parse_search_space(s.params, arguments)
-        except SearchSpaceError as err:
-            raise SweepError(f"search space: {err}") from err
-        if not space.distributions:
-            log.warning("the search space is empty: every trial runs the same config")
-        sampler_name = str(s.sampler.get("name") or "tpe").lower()
-        n_trials = int(s.n_trials)
-        self._grid: dict[str, list[Any]] | None = None
-        if sampler_name == "grid":
-            try:
-                self._grid = grid_space(space)
-            except SearchSpaceError as err:
-                raise SweepError(str(err)) from err
-            # Grid trials record categorical distributions: the grid's values are the whole space.
-            space.distributions = {n: CategoricalDistribution(v) for n, v in self._grid.items()}
-            size = math.prod(len(v) for v in self._grid.values())
-            if size < n_trials:
-                log.info("sampler grid has %d points: n_trials %d -> %d", size, n_trials, size)
-                n_trials = size
-        self.space, self.n_trials = space, n_trials
-        build_sampler(s.sampler, space, 0)  # a sampler/space mismatch
-        try:
-            B.pruner_spec(s.pruner)
-        except ValueError as err:
-            raise SweepError(str(err)) from None
-        self._probe_configs(space)
-        return space, sampler_name, n_trials
-
-    def _probe_configs(self, space: SearchSpace) -> None:
-        """Compose (and check with `check_config`) a job config at every choice and both ends of every range,
-        so `lr=choice(-1)` or `optimizer=choice(sgd, foo)` stops the sweep before its first trial."""
-        assert self.hydra_context is not None and self.config is not None
-        check = _load_check(self.settings.check_config)
-        base = {name: _probe_values(dist)[0] for name, dist in space.distributions.items()}
-        probes = [
-            (name, value, {**base, name: value})
-            for name, dist in space.distributions.items()
-            for value in _probe_values(dist)
-        ] or [(None, None, {})]
-        for name, value, params in probes:
-            overrides = space.job_overrides(params)
-            where = "the fixed overrides" if name is None else f"{name}={value}"
-            try:
-                job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            except Exception as err:
-                raise SweepError(f"search space: {where} does not compose: {_one_line(err)}") from None
-            if check is not None:
-                try:
-                    with read_write(job_cfg), open_dict(job_cfg):
-                        check(job_cfg)
-                except MasksweepError as err:
-                    raise SweepError(f"search space: {where}: {err}") from None
-                except Exception as err:
-                    raise SweepError(
-                        f"hydra.sweeper.check_config={self.settings.check_config} cannot check this app's "
-                        f"config ({type(err).__name__}: {_one_line(err)}); allowed: a check for this app, or "
-                        "null"
-                    ) from None
-
-    def _open_study(self, study_name: str) -> tuple[optuna.Study, int, int]:
-        s = self.settings
-        retry_cb = None
-        if self.spec.kind == "rdb":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                retry_cb = B.retry_callback_class()(max_retry=s.max_retry)
-        pruner = B.pruner_spec(s.pruner)
-        self.lock = B.study_lock(self.spec, study_name)
-        try:
-            with self.lock.hold():
-                # Under the lock: workers starting together on an empty database would race to create
-                # Optuna's tables.
-                self.storage = B.open_storage(
-                    self.spec,
-                    heartbeat_interval=s.heartbeat_interval if self.spec.kind == "rdb" else None,
-                    grace_period=s.grace_period,
-                    stale_trial_callback=retry_cb,
-                )
-                study = optuna.create_study(
-                    study_name=study_name,
-                    storage=self.storage,
-                    direction=s.direction,
-                    load_if_exists=True,
-                    pruner=B.build_pruner(pruner),
-                )
-                self._check_direction(study)
-                study_id = self.storage.get_study_id_from_name(study_name)
-                attrs = self.storage.get_study_system_attrs(study_id)
-                if attrs.get(B.PRUNER_ATTR) != pruner:
-                    self.storage.set_study_system_attr(study_id, B.PRUNER_ATTR, pruner)
-                worker_index = int(attrs.get(B.WORKERS_ATTR, 0))
-                self.storage.set_study_system_attr(study_id, B.WORKERS_ATTR, worker_index + 1)
-                study.sampler = build_sampler(s.sampler, self.space, worker_index)
-                existing = len(study.get_trials(deepcopy=False))
-        except BaseException:
-            self.lock.close()
-            raise
-        return study, worker_index, existing
-
-    def _check_direction(self, study: optuna.Study) -> None:
-        if len(study.directions) != 1:
-            raise SweepError(
-                f"study {study.study_name} is multi-objective; this sweeper handles one objective"
-            )
-        have = study.direction.name.lower()
-        if have != self.settings.direction:
-            raise SweepError(
-                f"study {study.study_name} already exists with direction {have}, but "
-                f"hydra.sweeper.direction is {self.settings.direction}; use another hydra.sweeper.study_name"
-            )
 
 
 class _Done:
@@ -546,53 +441,6 @@ class _Done:
 
     def poll(self, force: bool) -> None:
         return None
-
-
-def _one_line(err: BaseException | str) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _probe_values(dist: BaseDistribution) -> list[Any]:
-    if isinstance(dist, CategoricalDistribution):
-        return list(dist.choices)
-    if isinstance(dist, (IntDistribution, FloatDistribution)):
-        return [dist.low] if dist.low == dist.high else [dist.low, dist.high]
-    raise SearchSpaceError(f"unsupported distribution {dist!r}")
-
-
-def _load_check(path: str | None) -> Any:
-    """`module.function` -> the function (masksweep.validation.validate for masksweep-train)."""
-    if not path:
-        return None
-    import importlib
-
-    module, _, name = str(path).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise SweepError(
-            f"hydra.sweeper.check_config={path!r} cannot be imported ({err}); allowed: a module.function "
-            "path, or null"
-        ) from None
-
-
-def _exclude_identity_from_override_dirname(config: DictConfig) -> None:
-    """Keep optuna.* (a storage URL, a trial number) out of ${hydra.job.override_dirname}: each job's
-    config is re-composed from the master's hydra overrides, so the exclusion goes there."""
-    try:
-        current = list(config.hydra.job.config.override_dirname.exclude_keys)
-        missing = [k for k in IDENTITY_KEYS if k not in current]
-        if not missing:
-            return
-        keys = current + missing
-        with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.job.config.override_dirname.exclude_keys = keys
-            config.hydra.overrides.hydra.append(
-                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"
-            )
-    except Exception as err:  # cosmetic: never stop a sweep for it
-        log.debug("could not exclude %s from override_dirname: %s", IDENTITY_KEYS, err)
 
 
 __all__ = ["MasksweepOptunaSweeperImpl", "Settings", "SweepError", "SweepInterrupted", "classify"]
