@@ -39,7 +39,8 @@ ui: install
 	$(BIN)/masksweep ui --port $(or $(PORT),5000)
 
 # The benchmark (issue 5): every figure, results in bench/results/latest.{md,json} (~20 min on a 2-core CPU).
-# bench-smoke runs the same harness on tiny sizes (~1-2 min) into bench/results/smoke/, as the CI test does.
+# bench-smoke runs the same harness on tiny sizes (~4 min, figure 9 on its own SLURM cluster when SLURM is installed)
+# into bench/results/smoke/, as the CI test does.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--threads 1" on a machine shared with other CPU-bound jobs.
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 IDENTITY_KEYS = ("optuna.storage", "optuna.study_name", "optuna.trial_number")
 STUDY_DIR_ATTR = "masksweep:sweep_dir"  # study: the first worker's sweep dir, where the one summary goes
 ASK_AGAIN_S = 5.0  # with the budget spent: how often to look for retries (stale or dead trials) to take on
-POLL_S = 0.2  # how often in-flight jobs are looked at (a result file appears at once; the scheduler is asked
+POLL_S = 0.1  # how often in-flight jobs are looked at: a stat of their result files (the scheduler is asked
 # every hydra.sweeper.slurm_poll_interval seconds)
 
 
