@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from masksweep.errors import TrackingError
-from masksweep.tracking.runs import find_run
+from masksweep.tracking.runs import find_run, quoted
 from masksweep.tracking.store import RetryingClient, metric_histories
 from masksweep.tracking.tags import (
     TAG_ERROR,
@@ -218,7 +218,7 @@ def _sweep_runs(
     parent_id = run.info.run_id if is_parent else tags.get(PARENT_TAG)
     study = tags.get(TAG_STUDY_NAME)
     if study:
-        runs = _search_all(client, experiment_id, f"tags.`{TAG_STUDY_NAME}` = '{_quoted(study)}'")
+        runs = _search_all(client, experiment_id, f"tags.`{TAG_STUDY_NAME}` = '{quoted(study)}'")
         parents = [r for r in runs if r.data.tags.get(TAG_ROLE) == "sweep"]
         trials = [r for r in runs if r.data.tags.get(TAG_ROLE) != "sweep"]
         if trials:
@@ -233,11 +233,6 @@ def _sweep_runs(
         return None
     parent = run if is_parent else client.get_run(parent_id)
     return (_sweep_description(parent), parent_id, None), children
-
-
-def _quoted(value: str) -> str:
-    """A string literal's body in MLflow's filter grammar."""
-    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _children(client: RetryingClient, experiment_id: str, parent_id: str) -> list[Run]:

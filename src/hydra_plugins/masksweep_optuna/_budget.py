@@ -59,8 +59,9 @@ class Budget:
         self.settings, self.n_trials, self.space, self.grid = settings, n_trials, space, grid
         self.me, self.heartbeat = me, heartbeat
 
-    def claim(self, adopt: Adopt | None = None) -> optuna.Trial | None:
-        """Under the ask lock: reap (or adopt) stale trials, then ask one trial within the budget."""
+    def claim(self, adopt: Adopt | None = None, room: Callable[[], int] = lambda: 1) -> optuna.Trial | None:
+        """Under the ask lock: reap (or adopt) stale trials, then ask one trial within the budget while the
+        caller has `room()` for it (adopted trials take slots too)."""
         with self.lock.hold():
             reap_stale_trials(
                 self.study,
@@ -72,7 +73,7 @@ class Budget:
                 adopt=adopt,
             )
             self.check_failure_rate()
-            return self._ask()
+            return self._ask() if room() > 0 else None
 
     def done(self, trials: list[FrozenTrial] | None = None) -> bool:
         trials = self.study.get_trials(deepcopy=False) if trials is None else trials

@@ -237,7 +237,7 @@ class MasksweepOptunaSweeperImpl:
         again (the study lock, a pass over its trials) waits until a trial ends or ASK_AGAIN_S pass."""
         started = False
         while len(self.running) < self.slots and time.monotonic() >= self._ask_after:
-            trial = self.budget.claim(adopt=self._adopt)
+            trial = self.budget.claim(adopt=self._adopt, room=lambda: self.slots - len(self.running))
             if trial is None:
                 self._ask_after = time.monotonic() + ASK_AGAIN_S
                 break
@@ -288,14 +288,14 @@ class MasksweepOptunaSweeperImpl:
     def _adopt(self, trial: Any, why: str) -> bool:
         """A stale trial whose scheduler job still runs: wait for that job instead of training it again."""
         record = trial.system_attrs.get(B.JOB_ATTR)
-        if record is None or trial.number in self.running or not jobs.alive(record):
+        if record is None or trial.number in self.running or not jobs.collectable(record):
             return False
         self.storage.set_trial_system_attr(trial._trial_id, B.WORKER_ATTR, self.me.as_attr())
         self.heartbeat.track(trial._trial_id)
         handle = adopt(record)
         self.running[trial.number] = InFlight(optuna.Trial(self.study, trial._trial_id), handle, time.time())
         log.info(
-            "%s: adopted (%s); its %s job %s still runs, log %s",
+            "%s: adopted (%s); its %s job %s runs or left its result, log %s",
             trial_label(trial.number, trial.user_attrs.get(TRIAL_NAME_ATTR)),
             why,
             record["kind"],

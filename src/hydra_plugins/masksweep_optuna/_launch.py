@@ -62,8 +62,11 @@ class SubmititHandle:
             done = self.job.done(force_check=force)
         if not done:
             return None
+        # Rank 0's return: in a multi-task (DDP) job it carries the trial's outcome, while a rank killed on
+        # its own (OOM) would make results() raise for the whole job.
+        job = self.job.task(0) if self.job.num_tasks > 1 else self.job
         try:
-            return self.job.results()[0]  # rank 0's return (a multi-task job returns one per task)
+            return job.result()
         except Exception as exc:  # UncompletedJobError (cancelled, killed, no output), FailedJobError
             return exc
 

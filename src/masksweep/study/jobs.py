@@ -59,6 +59,13 @@ def alive(rec: Any) -> bool:
     return local_pid_alive(rec)
 
 
+def collectable(rec: Any) -> bool:
+    """The job still runs, or it ended and left its result (while no sweeper was there to read it)."""
+    if not isinstance(rec, dict) or rec.get("kind") not in ("slurm", "local"):
+        return False
+    return alive(rec) or Path(rebuild(rec).paths.result_pickle).exists()
+
+
 def local_pid_alive(rec: dict[str, Any]) -> bool:
     from masksweep.study.heartbeat import WorkerIdentity, pid_alive
 

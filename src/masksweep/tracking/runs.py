@@ -84,6 +84,11 @@ def _experiment_ids(client: RetryingClient) -> list[str]:
             return ids
 
 
+def quoted(value: str) -> str:
+    """A string literal's body in MLflow's filter grammar."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
 def trial_runs_filter(study_name: str, trial_number: int, status: str) -> str:
     """The MLflow search filter for the runs of one Optuna trial (by its tags) in a given status."""
     return (

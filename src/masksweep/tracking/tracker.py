@@ -30,7 +30,7 @@ from masksweep.tracking.params import (
     redacted_config,
     redacted_hydra_dir,
 )
-from masksweep.tracking.runs import MIN_PREFIX, RunNotFound, find_run, trial_runs_filter
+from masksweep.tracking.runs import MIN_PREFIX, RunNotFound, find_run, quoted, trial_runs_filter
 from masksweep.tracking.store import (
     TRAIN_OPTION,
     RetryingClient,
@@ -161,7 +161,7 @@ class MLflowTracker(Tracker):
             self._system = None
 
     @classmethod
-    def start(cls, cfg: DictConfig) -> MLflowTracker:
+    def start(cls, cfg: DictConfig, attempt_dir: Path | None = None) -> MLflowTracker:
         from mlflow.utils.mlflow_tags import (
             MLFLOW_GIT_COMMIT,
             MLFLOW_PARENT_RUN_ID,
@@ -202,9 +202,11 @@ class MLflowTracker(Tracker):
             run_name = f"job-{job_num}"
         else:
             run_name = _random_run_name()
-        if cfg.optuna.trial_number is not None:
+        if attempt_dir is not None:
+            tags[TAG_CHECKPOINT_DIR] = str(attempt_dir.absolute())
+        if cfg.optuna.trial_number is not None and attempt_dir is not None:
             study, number = str(cfg.optuna.study_name), int(cfg.optuna.trial_number)
-            earlier = _unfinished_run(client, exp_id, study, number)
+            earlier = _unfinished_run(client, exp_id, study, number, tags[TAG_CHECKPOINT_DIR])
             if earlier is not None:
                 return cls._reopen(client, earlier)
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
@@ -259,10 +261,10 @@ class MLflowTracker(Tracker):
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, status: str, tags: Mapping[str, str] | None = None) -> None:
-        if self._system is not None:
-            self._system.finish()  # its last samples go out before the run ends
-            self._system = None
         try:
+            if self._system is not None:
+                system, self._system = self._system, None
+                system.finish()  # its last samples go out before the run ends
             self.flush()  # the completed epochs' metrics are recorded whatever the outcome
         finally:
             try:
@@ -284,14 +286,18 @@ class MLflowTracker(Tracker):
             self.client.set_terminated(run.info.run_id, "FAILED")
 
 
-def _unfinished_run(client: RetryingClient, exp_id: str, study_name: str, trial_number: int) -> Any:
-    """The run an earlier attempt of this very Optuna trial left (KILLED by a requeue's signal, FAILED by
-    SystemExit from submitit's requeue, or RUNNING after a SIGKILL); a retried trial has a new number."""
-    runs = [
-        run
-        for status in ("RUNNING", "KILLED", "FAILED")
-        for run in client.search_runs([exp_id], trial_runs_filter(study_name, trial_number, status))
-    ]
+UNFINISHED = ("RUNNING", "KILLED", "FAILED")
+
+
+def _unfinished_run(
+    client: RetryingClient, exp_id: str, study_name: str, trial_number: int, attempt_dir: str
+) -> Any:
+    """The run an earlier attempt of this very job left (KILLED by a requeue's signal, FAILED by SystemExit
+    from submitit's requeue, or RUNNING after a SIGKILL): same Optuna trial, same checkpoint directory. A
+    retried trial has a new number; another study of the same name (a deleted journal) another directory."""
+    same_dir = f" and tags.`{TAG_CHECKPOINT_DIR}` = '{quoted(attempt_dir)}'"
+    filters = [trial_runs_filter(study_name, trial_number, status) + same_dir for status in UNFINISHED]
+    runs = [run for text in filters for run in client.search_runs([exp_id], text)]
     return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
@@ -341,10 +347,11 @@ def checkpoint_dir_of_run(
     return Path(directory)
 
 
-def start_tracker(cfg: DictConfig) -> Tracker:
+def start_tracker(cfg: DictConfig, attempt_dir: Path | None = None) -> Tracker:
+    """The trial's run; `attempt_dir` (its checkpoint directory) tells a requeued job's own run apart."""
     if not cfg.tracking.enabled:
         return Tracker()
-    tracker = MLflowTracker.start(cfg)
+    tracker = MLflowTracker.start(cfg, attempt_dir)
     tracker.watch_system(cfg.tracking.get("system_metrics_every_s"))
     return tracker
 
