@@ -250,3 +250,33 @@ def test_workers_started_together_on_one_study_share_one_parent(tmp_path: Path) 
     tags = runs[0].data.tags
     assert tags["optuna.study_name"] == "shared" and tags["masksweep.role"] == "sweep"
     assert {(tmp_path / f"worker{k}" / PARENT_RUN_FILE).read_text() for k in range(3)} == parents
+
+
+def test_adopted_trials_take_slots_before_new_ones_are_asked(journal) -> None:
+    """A rerun that adopts a dead sweeper's running jobs counts them in its n_jobs slots: it asks no new
+    trial while they fill the slots (the sweeper passes `room` as its free slots)."""
+    from hydra_plugins.masksweep_optuna._budget import Budget
+    from hydra_plugins.masksweep_optuna._settings import Settings
+    from masksweep.study.heartbeat import HeartbeatThread, WorkerIdentity
+
+    spec, storage = journal
+    study = optuna.create_study(study_name="s", storage=storage)
+    dist = {"lr": optuna.distributions.FloatDistribution(0.1, 1.0)}
+    orphan = study.ask(dist)
+    dead = {**WorkerIdentity.current().as_attr(), "pid": 2**22 + 1}  # this machine, a pid that is not there
+    storage.set_trial_system_attr(orphan._trial_id, S.WORKER_ATTR, dead)
+    space = parse_search_space({"lr": "interval(0.1, 1.0)"}, [])
+    me = WorkerIdentity.current()
+    heartbeat = HeartbeatThread(storage, spec.kind, 60)  # not started: track() beats once
+    budget = Budget(study, S.study_lock(spec, "s"), spec.kind, Settings(), 5, space, None, me, heartbeat)
+    adopted: list[int] = []
+
+    def adopt(trial: optuna.trial.FrozenTrial, why: str) -> bool:
+        assert "is gone" in why
+        adopted.append(trial.number)
+        return True
+
+    assert budget.claim(adopt=adopt, room=lambda: 1 - len(adopted)) is None  # the adopted job fills the slot
+    assert adopted == [orphan.number] and study.trials[0].state == TrialState.RUNNING  # not failed
+    assert len(study.trials) == 1
+    assert budget.claim(room=lambda: 1) is not None  # a free slot: a new trial
