@@ -306,15 +306,14 @@ class Trial:
             progress_every_s=cfg.trainer.get("progress_every_s", engine.DEFAULT_EVERY_S),
             progress_every_n=cfg.trainer.get("progress_every_n_steps"),
         )
-        # Wrapped once the resumed weights are in: DDP starts every rank from rank 0's.
-        self.train_model = distributed.wrap(model, self.device)
-        self.clock = ComputeClock(self.device.type, self.world.size)
+        # One trial, one record: only rank 0 of a DDP trial has an MLflow run (and draws its overlays).
+        self.tracker = start_tracker(cfg, self.checkpoints.directory) if self.world.main else Tracker()
         # The val overlays are drawn from the last epoch's evaluation, not from a second pass of the model.
         drawn = cfg.tracking.enabled and self.world.main
         self.overlays = OverlaySamples(cfg.tracking.num_overlays if drawn else 0)
-        # One trial, one record: only rank 0 of a DDP trial has an MLflow run. Started last: from here on
-        # train() holds it in recording(), which ends it whatever happens.
-        self.tracker = start_tracker(cfg, self.checkpoints.directory) if self.world.main else Tracker()
+        self.clock = ComputeClock(self.device.type, self.world.size)
+        # Wrapped once the resumed weights are in: DDP starts every rank from rank 0's.
+        self.train_model = distributed.wrap(model, self.device)
 
     def epochs(self) -> range:
         return range(self.state.epoch + 1, self.cfg.epochs + 1)
